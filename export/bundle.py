@@ -1,0 +1,143 @@
+"""The model bundle: a directory of graphs + vocab.json + manifest.json, verified on load.
+
+This module is the one place that knows the bundle format. It imports neither torch nor onnx, so
+the service uses it to load a bundle.
+
+manifest.json (format_version 1):
+    format_version   int
+    model_version    id derived from the SHA-256 of every file: same bytes, same id
+    created_at       ISO-8601 UTC
+    config           LSTMConfig as a dict (vocab_size, hidden_size, num_layers, ...)
+    graphs           {"step": file, "explain": file}
+    vocab            file name of the vocabulary (model/vocab.py format)
+    quantized        null or "int8"
+    training         metrics recorded in the checkpoint
+    versions         exporter, onnx, onnxruntime, torch, opset
+    parity           the report of export.parity.check_parity at export time
+    files            {name: {"sha256": hex, "bytes": int}} for every other file in the bundle
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, incomplete, tampered with or of an unknown format."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def model_version(self) -> str:
+        return str(self.manifest["model_version"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.manifest["config"])
+
+    @property
+    def step_graph(self) -> Path:
+        return self.path / self.manifest["graphs"]["step"]
+
+    @property
+    def explain_graph(self) -> Path | None:
+        name = self.manifest["graphs"].get("explain")
+        return self.path / name if name else None
+
+    @property
+    def vocab_path(self) -> Path:
+        return self.path / self.manifest["vocab"]
+
+    @property
+    def quantized(self) -> str | None:
+        value = self.manifest.get("quantized")
+        return str(value) if value else None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_version_id(files: dict[str, dict[str, Any]]) -> str:
+    """A short id over the sorted (name, hash) pairs: any change of any file changes it."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{files[name]['sha256']}\n".encode())
+    return "m-" + digest.hexdigest()[:16]
+
+
+def write_manifest(directory: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file already in directory and write manifest.json beside them."""
+    files = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model_version": model_version_id(files),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **fields,
+        "files": files,
+    }
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, directory / MANIFEST)
+    return manifest
+
+
+def load_bundle(path: Path | str) -> Bundle:
+    """Read and verify a bundle; raise BundleError naming the first file that is wrong."""
+    directory = Path(path)
+    manifest_path = directory / MANIFEST
+    if not directory.is_dir():
+        raise BundleError(f"bundle directory {directory} does not exist")
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path} is missing: not a cellgate bundle")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path} must hold a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{manifest_path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    for key in ("model_version", "config", "graphs", "vocab", "files"):
+        if key not in manifest:
+            raise BundleError(f"{manifest_path} lacks the field {key!r}")
+    files: dict[str, dict[str, Any]] = manifest["files"]
+    needed = {manifest["vocab"], *[name for name in manifest["graphs"].values() if name]}
+    for name in sorted(needed - set(files)):
+        raise BundleError(f"{manifest_path} names {name} but lists no hash for it")
+    for name, meta in sorted(files.items()):
+        file = directory / name
+        if Path(name).name != name:
+            raise BundleError(f"{manifest_path} lists {name!r}, which is not a plain file name")
+        if not file.is_file():
+            raise BundleError(f"{file} is missing from the bundle")
+        size = file.stat().st_size
+        if size != meta["bytes"]:
+            raise BundleError(f"{file} has {size} bytes, the manifest says {meta['bytes']}: truncated or replaced")
+        if sha256_file(file) != meta["sha256"]:
+            raise BundleError(f"{file} does not match its SHA-256 in the manifest: the file was modified")
+    if model_version_id(files) != manifest["model_version"]:
+        raise BundleError(f"{manifest_path}: model_version does not match the file hashes")
+    return Bundle(directory, manifest)

@@ -1,0 +1,139 @@
+"""Verified parity between the PyTorch model and its ONNX graphs (shared by `cellgate export` and tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from model.lm import LSTMLanguageModel, LSTMState
+
+LOGIT_TOLERANCE = 1e-4
+STATE_TOLERANCE = 1e-5
+BATCHES = (1, 7, 32)
+TIMES = (1, 5, 50)
+STREAM_TOKENS = 200
+
+
+@dataclass
+class ParityReport:
+    """Largest absolute difference seen per check; `ok` is False if any exceeds its tolerance."""
+
+    max_diff: dict[str, float] = field(default_factory=dict)
+    tolerance: dict[str, float] = field(default_factory=dict)
+    cases: int = 0
+
+    def record(self, name: str, diff: float, tolerance: float) -> None:
+        self.max_diff[name] = max(self.max_diff.get(name, 0.0), float(diff))
+        self.tolerance[name] = tolerance
+        self.cases += 1
+
+    @property
+    def failures(self) -> list[str]:
+        return [
+            f"{name}: max |diff| {value:.3g} > {self.tolerance[name]:.0e}"
+            for name, value in self.max_diff.items()
+            if value > self.tolerance[name]
+        ]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "cases": self.cases, "max_diff": self.max_diff, "tolerance": self.tolerance}
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _max(a: np.ndarray, b: torch.Tensor) -> float:
+    return float(np.abs(a - b.detach().numpy()).max())
+
+
+def _random_state(model: LSTMLanguageModel, batch: int, gen: torch.Generator) -> LSTMState:
+    cfg = model.config
+    shape = (cfg.num_layers, batch, cfg.hidden_size)
+    # Realistic magnitudes: |h| < 1 and C of a few units.
+    return LSTMState(torch.rand(shape, generator=gen) * 2 - 1, torch.randn(shape, generator=gen) * 2)
+
+
+def _feed(tokens: np.ndarray, lengths: np.ndarray, state: LSTMState, k: int = 5) -> dict[str, np.ndarray]:
+    return {
+        "tokens": tokens.astype(np.int64),
+        "lengths": lengths.astype(np.int32),
+        "h": state.hidden.numpy(),
+        "c": state.cell.numpy(),
+        "k": np.array([k], dtype=np.int64),
+    }
+
+
+@torch.no_grad()
+def check_parity(model: LSTMLanguageModel, step_graph: Path, explain_graph: Path | None, seed: int = 0) -> ParityReport:
+    """Compare ONNX Runtime with PyTorch on shapes other than any export example."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    step = _session(step_graph)
+    report = ParityReport()
+
+    for batch in BATCHES:
+        for time in TIMES:
+            tokens = torch.randint(0, vocab, (batch, time), generator=gen)
+            state = _random_state(model, batch, gen)
+            logits, expected = model(tokens, state)
+            log_probs, _, _, h_out, c_out = step.run(None, _feed(tokens.numpy(), np.full(batch, time), state))
+            report.record("log_probs", _max(log_probs, logits[:, -1].log_softmax(-1)), LOGIT_TOLERANCE)
+            report.record("h", _max(h_out, expected.hidden), STATE_TOLERANCE)
+            report.record("c", _max(c_out, expected.cell), STATE_TOLERANCE)
+
+    # Rows of different lengths in one padded batch must equal each row run alone.
+    batch, time = 7, 9
+    tokens = torch.randint(0, vocab, (batch, time), generator=gen)
+    lengths = torch.randint(1, time + 1, (batch,), generator=gen)
+    tokens[torch.arange(time)[None, :] >= lengths[:, None]] = 0
+    state = _random_state(model, batch, gen)
+    log_probs, _, _, h_out, c_out = step.run(None, _feed(tokens.numpy(), lengths.numpy(), state))
+    for row in range(batch):
+        n = int(lengths[row])
+        row_state = LSTMState(state.hidden[:, row : row + 1], state.cell[:, row : row + 1])
+        logits, expected = model(tokens[row : row + 1, :n], row_state)
+        report.record("padded_log_probs", _max(log_probs[row : row + 1], logits[:, -1].log_softmax(-1)), LOGIT_TOLERANCE)
+        report.record("padded_state", _max(h_out[:, row : row + 1], expected.hidden), STATE_TOLERANCE)
+        report.record("padded_state", _max(c_out[:, row : row + 1], expected.cell), STATE_TOLERANCE)
+
+    # Streaming: one token at a time, carrying state, equals one long call.
+    tokens = torch.randint(0, vocab, (1, STREAM_TOKENS), generator=gen)
+    state = _random_state(model, 1, gen)
+    whole = step.run(None, _feed(tokens.numpy(), np.array([STREAM_TOKENS]), state))
+    h, c = state.hidden.numpy(), state.cell.numpy()
+    last = None
+    for t in range(STREAM_TOKENS):
+        feed = _feed(tokens[:, t : t + 1].numpy(), np.array([1]), state)
+        feed["h"], feed["c"] = h, c
+        last, _, _, h, c = step.run(None, feed)
+    assert last is not None
+    report.record("stream_log_probs", float(np.abs(last - whole[0]).max()), STATE_TOLERANCE)
+    report.record("stream_state", float(np.abs(h - whole[3]).max()), STATE_TOLERANCE)
+    report.record("stream_state", float(np.abs(c - whole[4]).max()), STATE_TOLERANCE)
+
+    if explain_graph is not None:
+        explain = _session(explain_graph)
+        tokens = torch.randint(0, vocab, (3, 11), generator=gen)
+        state = _random_state(model, 3, gen)
+        logits, expected, trace = model.explain(tokens, state)
+        feed = _feed(tokens.numpy(), np.full(3, 11), state)
+        del feed["lengths"]
+        outputs = dict(zip([o.name for o in explain.get_outputs()], explain.run(None, feed), strict=True))
+        report.record("explain_log_probs", _max(outputs["log_probs"], logits[:, -1].log_softmax(-1)), LOGIT_TOLERANCE)
+        for gate in ("forget_gate", "input_gate", "candidate", "output_gate", "cell", "hidden"):
+            # ONNX gives (T, L, B, H); the trace is (L, B, T, H).
+            got = outputs[gate].transpose(1, 2, 0, 3)
+            report.record(f"explain_{gate}", _max(got, getattr(trace, gate)), STATE_TOLERANCE)
+        report.record("explain_state", _max(outputs["h_out"], expected.hidden), STATE_TOLERANCE)
+    return report
