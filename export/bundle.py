@@ -50,7 +50,7 @@ class Bundle:
 
     @property
     def step_graph(self) -> Path:
-        return self.path / self.manifest["graphs"]["step"]
+        return self.path / str(self.manifest["graphs"]["step"])
 
     @property
     def explain_graph(self) -> Path | None:
@@ -59,7 +59,7 @@ class Bundle:
 
     @property
     def vocab_path(self) -> Path:
-        return self.path / self.manifest["vocab"]
+        return self.path / str(self.manifest["vocab"])
 
     @property
     def quantized(self) -> str | None:

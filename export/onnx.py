@@ -232,7 +232,9 @@ def build_explain_graph(w: Weights, excluded_ids: list[int]) -> onnx.ModelProto:
         helper.make_node("Identity", ["cell_t"], ["c_next"]),
     ]
     gate_out_names = [f"{name}_out" for name in GATE_OUTPUTS]
-    body_nodes += [helper.make_node("Identity", [f"{n}_t"], [o]) for n, o in zip(GATE_OUTPUTS, gate_out_names, strict=True)]
+    body_nodes += [
+        helper.make_node("Identity", [f"{n}_t"], [o]) for n, o in zip(GATE_OUTPUTS, gate_out_names, strict=True)
+    ]
     body = helper.make_graph(
         body_nodes,
         "explicit_cell_step",
@@ -277,10 +279,7 @@ def build_explain_graph(w: Weights, excluded_ids: list[int]) -> onnx.ModelProto:
             helper.make_tensor_value_info("top_ids", TensorProto.INT64, ["batch", "k"]),
             _state_value_infos("h_out"),
             _state_value_infos("c_out"),
-            *[
-                helper.make_tensor_value_info(name, f32, ["time", "layers", "batch", "hidden"])
-                for name in GATE_OUTPUTS
-            ],
+            *[helper.make_tensor_value_info(name, f32, ["time", "layers", "batch", "hidden"]) for name in GATE_OUTPUTS],
         ],
         initializer=inits,
     )

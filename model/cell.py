@@ -103,7 +103,8 @@ class LSTMLayer(nn.Module):
         w_hh = self.recurrent_weight
         if recurrent_dropout > 0.0 and self.training:
             w_hh = nn.functional.dropout(w_hh, p=recurrent_dropout, training=True)
-        params = [self.input_weight.contiguous(), w_hh.contiguous(), self.bias, self._zero_bias]
+        zero_bias: Tensor = self._zero_bias  # type: ignore[assignment]
+        params = [self.input_weight.contiguous(), w_hh.contiguous(), self.bias, zero_bias]
         outputs, h_n, c_n = torch.lstm(
             x, (hidden.unsqueeze(0), cell.unsqueeze(0)), params, True, 1, 0.0, self.training, False, True
         )

@@ -46,7 +46,9 @@ class LSTMLanguageModel(nn.Module):
         self.recurrent_dropout = recurrent_dropout  # training-time regulariser, not part of the model
         self.embedding = nn.Embedding(config.vocab_size, config.embed_size)
         sizes = [config.embed_size] + [config.hidden_size] * config.num_layers
-        self.layers = nn.ModuleList(LSTMLayer(sizes[i], sizes[i + 1]) for i in range(config.num_layers))
+        self.layers: nn.ModuleList = nn.ModuleList(
+            LSTMLayer(sizes[i], sizes[i + 1]) for i in range(config.num_layers)
+        )
         if config.tie_weights:
             self.decoder_weight = self.embedding.weight
         else:
@@ -81,7 +83,8 @@ class LSTMLanguageModel(nn.Module):
             state = self.zero_state(tokens.shape[0])
         x = locked_dropout(self._embed(tokens), self.config.dropout, self.training)
         new_h, new_c = [], []
-        for index, layer in enumerate(self.layers):
+        layers: list[LSTMLayer] = list(self.layers)  # type: ignore[arg-type]
+        for index, layer in enumerate(layers):
             h, c = state.hidden[index], state.cell[index]
             if explicit:
                 x, h, c, _ = layer.forward_explicit(x, h, c)
@@ -109,7 +112,8 @@ class LSTMLanguageModel(nn.Module):
         x = self.embedding(tokens)
         per_layer: list[list[GateActivations]] = []
         new_h, new_c = [], []
-        for index, layer in enumerate(self.layers):
+        layers: list[LSTMLayer] = list(self.layers)  # type: ignore[arg-type]
+        for index, layer in enumerate(layers):
             x, h, c, steps = layer.forward_explicit(x, state.hidden[index], state.cell[index])
             per_layer.append(steps)
             new_h.append(h)

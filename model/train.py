@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -27,9 +27,19 @@ from model.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, save_check
 from model.config import LSTMConfig
 from model.corpus import LONGRANGE, load_corpus, longrange_text
 from model.data import batchify, encode_lines, encode_stream, line_batches, stream_windows
-from model.evaluate import detach_state, evaluate_batches, evaluate_stream, long_range_accuracy
+from model.evaluate import LanguageModel, detach_state, evaluate_batches, evaluate_stream, long_range_accuracy
 from model.lm import LSTMLanguageModel
 from model.vocab import Vocabulary, tokenize
+
+# Builds the network from its shape; train() defaults to the gated LSTM, an experiment may swap it.
+ModelFactory = Callable[[LSTMConfig], nn.Module]
+
+
+def as_language_model(model: nn.Module) -> LanguageModel:
+    """The module seen through the LanguageModel protocol (nn.Module hides methods from mypy)."""
+    if not callable(getattr(model, "zero_state", None)):
+        raise TypeError(f"{type(model).__name__} has no zero_state(batch_size); it cannot be trained here")
+    return cast(LanguageModel, model)
 
 
 @dataclass
@@ -70,7 +80,12 @@ class TrainConfig:
     episodes: int = 2000
     gap_min: int = 0
     gap_max: int = 100
-    curriculum_epochs: int = 0  # epochs over which the largest gap grows from 10 to gap_max
+    curriculum_epochs: int = 0  # epochs over which the largest gap grows from curriculum_start to gap_max
+    curriculum_start: int = 10  # the largest gap of the first epoch, when a curriculum is on
+    # Accuracy-driven curriculum: the largest gap grows by curriculum_step only once every probe bucket
+    # below it reaches this accuracy, so a hard gap is never shown before the easier ones are learnt.
+    curriculum_mastery: float | None = None
+    curriculum_step: int = 10  # words the largest gap grows by each time it is mastered
     target_accuracy: float | None = None  # stop once every bucket below 60 words reaches this
     progress: bool = True
 
@@ -141,24 +156,26 @@ class _Data:
             raise ValueError(f"mode must be 'stream' or 'lines', got {cfg.mode!r}")
 
     def gap_max(self, epoch: int) -> int:
+        """The epoch-driven curriculum's largest gap (gap_max itself when that curriculum is off)."""
         cfg = self.cfg
         if not cfg.curriculum_epochs:
             return cfg.gap_max
-        grown = 10 + (cfg.gap_max - 10) * min(1.0, epoch / cfg.curriculum_epochs)
+        start = cfg.curriculum_start
+        grown = start + (cfg.gap_max - start) * min(1.0, epoch / cfg.curriculum_epochs)
         return max(cfg.gap_min, int(grown))
 
-    def train_batches(self, epoch: int, rng: random.Random) -> list[tuple[Tensor, Tensor]]:
+    def train_batches(self, epoch: int, rng: random.Random, gap_max: int) -> list[tuple[Tensor, Tensor]]:
         cfg = self.cfg
         if cfg.mode == "stream":
             return list(stream_windows(self.train_streams, cfg.bptt))
         lines = self.train_lines
         if self.longrange:
             # Fresh episodes every epoch (no memorisation) with the curriculum's largest gap.
-            text = longrange_text(cfg.seed * 7919 + epoch, cfg.episodes, cfg.gap_min, self.gap_max(epoch))
+            text = longrange_text(cfg.seed * 7919 + epoch, cfg.episodes, cfg.gap_min, gap_max)
             lines = encode_lines(self.vocab, text)
         return line_batches(lines, cfg.batch_size, self.vocab.pad_id, rng)
 
-    def validate(self, model: LSTMLanguageModel) -> dict[str, Any]:
+    def validate(self, model: LanguageModel) -> dict[str, Any]:
         if self.cfg.mode == "stream":
             return evaluate_stream(model, self.valid_ids)
         batches = line_batches(self.valid_lines, self.cfg.batch_size, self.vocab.pad_id)
@@ -173,7 +190,18 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
 
 
-def train(cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+def mastered(long_range: dict[str, dict[str, float]], gap_max: int, threshold: float) -> bool:
+    """Whether every probe bucket starting below gap_max (at least the first) reaches threshold."""
+    below = [v["accuracy"] for k, v in long_range.items() if int(k.split("-")[0]) < max(gap_max, 1)]
+    return bool(below) and min(below) >= threshold
+
+
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    model_factory: ModelFactory | None = None,
+) -> TrainResult:
     """Train per cfg, writing best.pt, last.pt and log.jsonl under cfg.out."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +210,12 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[dict[str, 
     previous = load_checkpoint(out / LAST) if resume else None
     seed_everything(cfg.seed)
     data = _Data(cfg, previous.vocab if previous else None)
-    model = LSTMLanguageModel(cfg.model_config(len(data.vocab)), recurrent_dropout=cfg.recurrent_dropout)
+    model_config = cfg.model_config(len(data.vocab))
+    if model_factory is None:
+        model: nn.Module = LSTMLanguageModel(model_config, recurrent_dropout=cfg.recurrent_dropout)
+    else:
+        model = model_factory(model_config)
+    lm = as_language_model(model)
     optimizer = _make_optimizer(cfg, model)
     start_epoch = 1
     best_loss = math.inf
@@ -190,6 +223,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[dict[str, 
     lr = cfg.lr
     stale = 0
     elapsed_before = 0.0
+    curriculum_gap = max(cfg.gap_min, min(cfg.curriculum_start, cfg.gap_max))
     log: list[dict[str, Any]] = []
     rng = random.Random(cfg.seed)
     if previous is not None and previous.resume_state is not None:
@@ -199,6 +233,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[dict[str, 
         start_epoch = previous.epoch + 1
         best_loss, best_metrics, lr, stale = rs["best_loss"], rs["best_metrics"], rs["lr"], rs["stale"]
         elapsed_before = rs["elapsed"]
+        curriculum_gap = rs.get("curriculum_gap", curriculum_gap)
         rng.setstate(rs["python_rng"])
         torch.set_rng_state(rs["torch_rng"])
         log = rs["log"]
@@ -213,12 +248,13 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[dict[str, 
                 "lr": lr,
                 "stale": stale,
                 "elapsed": elapsed_before + (time.monotonic() - started),
+                "curriculum_gap": curriculum_gap,
                 "python_rng": rng.getstate(),
                 "torch_rng": torch.get_rng_state(),
                 "log": log,
             }
         return Checkpoint(
-            config=model.config,
+            config=model_config,
             vocab=data.vocab,
             state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
             metrics=metrics,
@@ -237,12 +273,13 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[dict[str, 
         for epoch in range(start_epoch, cfg.epochs + 1):
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = data.train_batches(epoch, rng)
+            gap_max = curriculum_gap if cfg.curriculum_mastery is not None else data.gap_max(epoch)
+            batches = data.train_batches(epoch, rng, gap_max)
             epoch_started = time.monotonic()
             stats = _train_epoch(model, optimizer, batches, cfg, data.vocab.pad_id, epoch, deadline)
             train_seconds += time.monotonic() - epoch_started
             total_tokens += stats["tokens"]
-            valid = data.validate(model)
+            valid = data.validate(lm)
             entry: dict[str, Any] = {
                 "epoch": epoch,
                 "lr": lr,
@@ -252,8 +289,12 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[dict[str, 
                 "elapsed_seconds": elapsed_before + time.monotonic() - started,
             }
             if data.longrange:
-                entry["gap_max"] = data.gap_max(epoch)
-                entry["long_range"] = long_range_accuracy(model, data.vocab, per_bucket=50)
+                entry["gap_max"] = gap_max
+                entry["long_range"] = long_range_accuracy(lm, data.vocab, per_bucket=50)
+                if cfg.curriculum_mastery is not None and mastered(
+                    entry["long_range"], gap_max, cfg.curriculum_mastery
+                ):
+                    curriculum_gap = min(cfg.gap_max, gap_max + cfg.curriculum_step)
             improved = valid["loss"] < best_loss
             if improved:
                 best_loss, best_metrics, stale = valid["loss"], {"valid": valid, "epoch": epoch}, 0
@@ -292,7 +333,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[dict[str, 
 
 
 def _train_epoch(
-    model: LSTMLanguageModel,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: list[tuple[Tensor, Tensor]],
     cfg: TrainConfig,
@@ -301,8 +342,9 @@ def _train_epoch(
     deadline: float | None,
 ) -> dict[str, Any]:
     model.train()
+    lm = as_language_model(model)
     lines = cfg.mode == "lines"
-    state = None if lines else model.zero_state(cfg.batch_size)
+    state = None if lines else lm.zero_state(cfg.batch_size)
     total_loss = 0.0
     total_tokens = 0
     started = time.monotonic()
@@ -312,16 +354,13 @@ def _train_epoch(
         if deadline is not None and time.monotonic() >= deadline:
             stopped_early = True
             break
-        if lines:
-            state = model.zero_state(inputs.shape[0])
-        else:
-            state = detach_state(state)
-        logits, state = model(inputs, state)  # (B, T, V)
+        state = lm.zero_state(inputs.shape[0]) if lines else detach_state(state)
+        logits, state = lm(inputs, state)  # (B, T, V)
         loss = nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id if lines else -100
         )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         if cfg.clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         optimizer.step()

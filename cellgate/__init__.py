@@ -1,0 +1,1 @@
+"""cellgate: stateful next-word prediction with a gated LSTM."""

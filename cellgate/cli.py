@@ -1,0 +1,224 @@
+"""The `cellgate` command. Thin: each subcommand parses flags and calls the library.
+
+Heavy imports happen inside each command so `cellgate serve` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _train(args: argparse.Namespace) -> int:
+    from model.corpus import LONGRANGE, CorpusError
+    from model.train import TrainConfig, train
+
+    if args.corpus == LONGRANGE and not args.custom:
+        from model.experiments.long_range import demo_train_config
+
+        cfg = demo_train_config(args.out, seed=args.seed)
+        if args.max_minutes is not None:
+            cfg.max_minutes = args.max_minutes
+        cfg.progress = not args.quiet
+    else:
+        cfg = TrainConfig(
+            corpus=args.corpus,
+            out=args.out,
+            valid=args.valid,
+            lowercase=not args.no_lowercase,
+            split=args.split,
+            min_freq=args.min_freq,
+            max_vocab=args.max_vocab,
+            embed_size=args.hidden_size,
+            hidden_size=args.hidden_size,
+            num_layers=args.layers,
+            dropout=args.dropout,
+            embed_dropout=args.embed_dropout,
+            recurrent_dropout=args.recurrent_dropout,
+            tie_weights=not args.no_tie,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            clip=args.clip,
+            schedule=args.schedule,
+            batch_size=args.batch_size,
+            bptt=args.bptt,
+            epochs=args.epochs,
+            patience=args.patience,
+            max_minutes=args.max_minutes,
+            mode=args.mode,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+    try:
+        result = train(cfg, resume=args.resume)
+    except CorpusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: checkpoint saved to {Path(args.out) / 'last.pt'} (continue with --resume)", file=sys.stderr
+        )
+        return 130
+    summary = {
+        "out": str(result.out),
+        "epochs": result.epochs_run,
+        "seconds": round(result.seconds, 1),
+        "tokens_per_second": round(result.tokens_per_second),
+        "best": result.best_metrics,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from export.build import ParityError, export_checkpoint
+
+    try:
+        result = export_checkpoint(
+            Path(args.checkpoint), Path(args.out), args.quantize, not args.skip_parity, args.force
+        )
+    except (ParityError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    m = result.manifest
+    print(json.dumps({"bundle": args.out, "model_version": m["model_version"], "parity": m["parity"]}, indent=2))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.config import Settings
+    from service.server import serve
+
+    overrides: dict[str, Any] = {}
+    for name in ("bundle", "host", "port"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    serve(Settings(**overrides))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_checkpoint
+    from model.corpus import CorpusError, load_corpus
+    from model.data import encode_stream
+    from model.evaluate import evaluate_stream
+
+    ckpt = load_checkpoint(Path(args.checkpoint))
+    try:
+        text = load_corpus(args.corpus)
+    except CorpusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metrics = evaluate_stream(ckpt.build_model(), encode_stream(ckpt.vocab, text))
+    metrics["vocab_size"] = len(ckpt.vocab)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from cellgate.client import CellgateAPIError, Client
+
+    try:
+        with Client(args.url, api_key=args.api_key) as client:
+            result = client.predict(args.text, k=args.k)
+    except CellgateAPIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for p in result["predictions"]:
+            print(f"{p['prob']:.4f}  {p['word']}")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from model.experiments import long_range
+
+    return int(long_range.main(args.rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a word-level LSTM language model")
+    t.add_argument("--corpus", required=True, help="a UTF-8 text file, a directory of .txt files, or builtin:longrange")
+    t.add_argument("--out", required=True, help="directory for best.pt, last.pt and log.jsonl")
+    t.add_argument("--valid", help="validation text (default: hold out the last 5%% of lines)")
+    t.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--custom", action="store_true", help="for builtin:longrange, use the flags below instead of the demo recipe"
+    )
+    t.add_argument("--no-lowercase", action="store_true")
+    t.add_argument("--split", choices=["words", "whitespace"], default="words")
+    t.add_argument("--min-freq", type=int, default=1)
+    t.add_argument("--max-vocab", type=int)
+    t.add_argument("--hidden-size", type=int, default=200)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--dropout", type=float, default=0.2)
+    t.add_argument("--embed-dropout", type=float, default=0.0)
+    t.add_argument("--recurrent-dropout", type=float, default=0.0)
+    t.add_argument("--no-tie", action="store_true")
+    t.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    t.add_argument("--lr", type=float, default=20.0)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--clip", type=float, default=0.25)
+    t.add_argument("--schedule", choices=["plateau", "cosine", "none"], default="plateau")
+    t.add_argument("--batch-size", type=int, default=20)
+    t.add_argument("--bptt", type=int, default=35)
+    t.add_argument("--epochs", type=int, default=40)
+    t.add_argument("--patience", type=int, default=3)
+    t.add_argument("--mode", choices=["stream", "lines"], default="stream")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("export", help="export a checkpoint to a verified ONNX bundle")
+    e.add_argument("checkpoint", help="a checkpoint file or a training directory")
+    e.add_argument("--out", required=True, help="bundle directory to write")
+    e.add_argument("--quantize", choices=["int8"], help="also quantize weights")
+    e.add_argument("--skip-parity", action="store_true", help="do not run the parity checks (not recommended)")
+    e.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    e.set_defaults(func=_export)
+
+    s = sub.add_parser("serve", help="serve a bundle over HTTP (settings: CELLGATE_* environment variables)")
+    s.add_argument("--bundle", help="bundle directory (CELLGATE_BUNDLE)")
+    s.add_argument("--host", help="bind address (CELLGATE_HOST, default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="bind port (CELLGATE_PORT, default 8000)")
+    s.set_defaults(func=_serve)
+
+    v = sub.add_parser("eval", help="perplexity and top-k accuracy of a checkpoint on a text")
+    v.add_argument("checkpoint")
+    v.add_argument("--corpus", required=True)
+    v.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="next-word suggestions from a running server")
+    p.add_argument("text")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--url", default=DEFAULT_URL)
+    p.add_argument("--api-key")
+    p.add_argument("--json", action="store_true", help="print the raw JSON response")
+    p.set_defaults(func=_predict)
+
+    x = sub.add_parser("experiment", help="experiments, e.g. `cellgate experiment long-range`")
+    x.add_argument("rest", nargs=argparse.REMAINDER)
+    x.set_defaults(func=_experiment)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

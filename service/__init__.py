@@ -1,0 +1,1 @@
+"""Serving side of cellgate: FastAPI on ONNX Runtime. Never imports torch."""

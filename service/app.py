@@ -1,0 +1,157 @@
+"""The app factory: builds every part from Settings once, wires them, and renders every error."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from export.bundle import load_bundle
+from service.config import Settings
+from service.errors import CellgateError
+from service.metrics import Metrics
+from service.middleware import ServiceMiddleware
+from service.ratelimit import TokenBucketLimiter
+from service.routes import health, model, predict, sessions, stream
+from service.runner import Runner
+from service.scheduler import Scheduler
+from service.sessions import SessionManager
+from service.store.base import SessionStore, StoreEvents
+from service.store.memory import MemoryStore
+
+log = logging.getLogger("cellgate")
+STATIC = Path(__file__).parent / "static"
+
+
+def package_version() -> str:
+    try:
+        return version("cellgate")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_store(settings: Settings, metrics: Metrics) -> SessionStore:
+    events = StoreEvents(ended=lambda reason: metrics.sessions_ended.labels(reason).inc())
+    if settings.session_store == "memory":
+        return MemoryStore(settings.session_ttl_seconds, settings.max_sessions, events)
+    if settings.session_store.startswith(("redis://", "rediss://", "unix://")):
+        from service.store.redis import RedisStore
+
+        return RedisStore(settings, events)  # type: ignore[no-any-return]
+    raise ValueError(f"CELLGATE_SESSION_STORE must be 'memory' or a redis:// URL, got {settings.session_store!r}")
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        location = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{location}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = metrics or Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        bundle = load_bundle(settings.bundle)
+        runner = Runner(bundle, settings)
+        runner.warm_up()
+        store = build_store(settings, metrics)
+        await store.start()
+        scheduler = Scheduler(runner, settings, metrics)
+        await scheduler.start()
+        app.state.runner = runner
+        app.state.manager = SessionManager(store, scheduler, runner, settings, metrics)
+        metrics.model_info.labels(bundle.model_version, ",".join(runner.providers), bundle.quantized or "none").set(1)
+        metrics.build_info.info({"version": package_version()})
+        app.state.ready = True
+        if not settings.api_keys:
+            log.warning("no API keys configured: every client may use every session; bind to loopback only")
+        log.info(
+            "serving model %s on %s (%d words, %d×%d)",
+            bundle.model_version,
+            ",".join(runner.providers),
+            runner.vocab_size,
+            runner.layers,
+            runner.hidden_size,
+        )
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            app.state.draining = True
+            await scheduler.stop()
+            await store.close()
+
+    app = FastAPI(
+        title="cellgate",
+        version=package_version(),
+        summary="Stateful next-word prediction on a gated LSTM: sessions carry (h, C) between requests.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.ready = False
+    app.state.draining = False
+    app.state.websockets = set()
+    app.state.rate_limiter = (
+        TokenBucketLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+        if settings.rate_limit_per_second > 0
+        else None
+    )
+
+    async def render(request: Request, exc: CellgateError) -> JSONResponse:
+        metrics.errors.labels(exc.code).inc()
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(CellgateError)
+    async def on_domain_error(request: Request, exc: CellgateError) -> JSONResponse:
+        return await render(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = CellgateError(_validation_message(exc))
+        error.code, error.status = "validation_error", 422
+        return await render(request, error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+        error = CellgateError(str(exc.detail), headers=dict(exc.headers or {}))
+        error.code, error.status = codes.get(exc.status_code, "http_error"), exc.status_code
+        return await render(request, error)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        error = CellgateError("internal error; the request id is in the X-Request-ID header")
+        return await render(request, error)
+
+    for router in (health.router, model.router, predict.router, sessions.router, stream.router):
+        app.include_router(router)
+    if STATIC.is_dir() and (STATIC / "index.html").exists():
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/", StaticFiles(directory=STATIC, html=True), name="demo")
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+        )
+    draining: Any = lambda: app.state.draining  # noqa: E731
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, draining=draining)
+    return app

@@ -1,0 +1,111 @@
+"""One ASGI middleware for what every HTTP request needs: request id, body limit, metrics, access log,
+and refusing new work while draining."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import CellgateError, PayloadTooLarge, ShuttingDown
+from service.metrics import Metrics
+
+access_log = logging.getLogger("cellgate.access")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def send_error(send: Send, error: CellgateError, request_id: str) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+        *[(k.lower().encode(), v.encode()) for k, v in error.headers.items()],
+    ]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ServiceMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, draining: Any) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.draining = draining  # callable -> bool
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        method = scope["method"]
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        self.metrics.in_flight.inc()
+        try:
+            length = headers.get(b"content-length")
+            if self.draining() and scope["path"] not in ("/healthz", "/metrics"):
+                await send_error(send_wrapper, ShuttingDown(), request_id)
+            elif length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                # Refused from the header alone: the body is never read.
+                await send_error(send_wrapper, _too_large(self.max_body_bytes), request_id)
+            else:
+                try:
+                    await self.app(scope, receive_limited, send_wrapper)
+                except _BodyTooLarge:
+                    await send_error(send_wrapper, _too_large(self.max_body_bytes), request_id)
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            elapsed = time.perf_counter() - started
+            self.metrics.requests.labels(template, method, str(status)).inc()
+            self.metrics.request_duration.labels(template, method).observe(elapsed)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    "request",
+                    extra={
+                        "request_id": request_id,
+                        "method": method,
+                        "route": template,
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "client": (scope.get("client") or ("", 0))[0],
+                    },
+                )
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body exceeds {limit} bytes", limit=limit)

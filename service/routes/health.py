@@ -1,0 +1,45 @@
+"""Liveness, readiness and the Prometheus scrape endpoint."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.errors import CellgateError, NotReady
+from service.schemas import ErrorResponse, Status
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Status, summary="Liveness: 200 while the process lives")
+async def healthz() -> Status:
+    return Status(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Status,
+    responses={503: {"model": ErrorResponse, "description": "Not warmed up, draining, or the store is down"}},
+    summary="Readiness: model loaded and warmed up, session store answering",
+)
+async def readyz(request: Request) -> Response:
+    state = request.app.state
+    metrics = state.metrics
+    try:
+        if not getattr(state, "ready", False):
+            raise NotReady("the model is still loading")
+        if state.draining:
+            raise NotReady("the server is shutting down")
+        await state.manager.store.ping()
+    except CellgateError as exc:
+        metrics.ready.set(0)
+        return JSONResponse(exc.body(), status_code=503)
+    metrics.ready.set(1)
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

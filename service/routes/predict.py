@@ -1,0 +1,27 @@
+"""Stateless next-word prediction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from service.deps import Manager, Owner, SettingsDep, check_k
+from service.schemas import ErrorResponse, PredictRequest, PredictResponse
+
+router = APIRouter(tags=["predict"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    413: {"model": ErrorResponse, "description": "Body or text too long (payload_too_large, input_too_long)"},
+    422: {"model": ErrorResponse, "description": "Invalid body (validation_error)"},
+    429: {"model": ErrorResponse, "description": "Rate limited"},
+    503: {"model": ErrorResponse, "description": "Overloaded or store unavailable; see Retry-After"},
+}
+
+
+@router.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
+async def predict(body: PredictRequest, manager: Manager, settings: SettingsDep, _owner: Owner) -> dict[str, Any]:
+    """Next-word suggestions for text, run from a zero state (no session)."""
+    check_k(body.k, settings)
+    return await manager.predict(body.text, body.k)

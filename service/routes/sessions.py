@@ -1,0 +1,141 @@
+"""Sessions: create, inspect, step, fork, rewind, generate, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Path, Response, status
+from fastapi.sse import EventSourceResponse, format_sse_event
+
+from service.deps import Manager, Owner, SettingsDep, check_k
+from service.errors import CellgateError, ValidationFailed
+from service.routes.predict import ERRORS
+from service.schemas import (
+    CreateSessionRequest,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    RewindRequest,
+    SessionInfo,
+    SessionResponse,
+    StepRequest,
+)
+from service.sessions import GenerateOptions
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+SessionId = Path(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$", description="The id returned at creation.")
+SESSION_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    404: {"model": ErrorResponse, "description": "Unknown or expired session (session_not_found)"},
+    409: {
+        "model": ErrorResponse,
+        "description": "step_conflict (with current_step), history_exhausted (with oldest_step) or model_mismatch",
+    },
+}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=SessionResponse, responses=ERRORS)
+async def create_session(
+    body: CreateSessionRequest, manager: Manager, settings: SettingsDep, owner: Owner
+) -> dict[str, Any]:
+    """A new session, optionally primed with text."""
+    check_k(body.k, settings)
+    return await manager.create(body.text, body.k, owner)
+
+
+@router.get("/{session_id}", response_model=SessionInfo, responses=SESSION_ERRORS)
+async def get_session(manager: Manager, owner: Owner, session_id: str = SessionId) -> dict[str, Any]:
+    return await manager.info(session_id, owner)
+
+
+@router.delete(
+    "/{session_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response, responses=SESSION_ERRORS
+)
+async def delete_session(manager: Manager, owner: Owner, session_id: str = SessionId) -> Response:
+    await manager.delete(session_id, owner)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{session_id}/steps", response_model=SessionResponse, responses=SESSION_ERRORS)
+async def step(
+    body: StepRequest, manager: Manager, settings: SettingsDep, owner: Owner, session_id: str = SessionId
+) -> dict[str, Any]:
+    """Advance the session's (h, C) through the words of text; exactly once per if_step."""
+    check_k(body.k, settings)
+    return await manager.step(session_id, body.text, body.k, body.if_step, owner, explain=body.explain)
+
+
+@router.post(
+    "/{session_id}/fork", status_code=status.HTTP_201_CREATED, response_model=SessionResponse, responses=SESSION_ERRORS
+)
+async def fork(manager: Manager, owner: Owner, session_id: str = SessionId) -> dict[str, Any]:
+    """A new session holding a copy of this one's state and step."""
+    return await manager.fork(session_id, owner)
+
+
+@router.post("/{session_id}/rewind", response_model=SessionResponse, responses=SESSION_ERRORS)
+async def rewind(
+    body: RewindRequest, manager: Manager, settings: SettingsDep, owner: Owner, session_id: str = SessionId
+) -> dict[str, Any]:
+    """Restore exactly the state the session had after to_step tokens (undo words)."""
+    check_k(body.k, settings)
+    return await manager.rewind(session_id, body.to_step, body.k, body.if_step, owner)
+
+
+@router.post(
+    "/{session_id}/generate",
+    response_model=GenerateResponse,
+    responses={
+        **SESSION_ERRORS,
+        200: {
+            "description": "JSON, or with stream=true an SSE stream: one `word` event per word, then `done`",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
+)
+async def generate(
+    body: GenerateRequest, manager: Manager, settings: SettingsDep, owner: Owner, session_id: str = SessionId
+) -> Any:
+    """Sample words from the session's state; the session advances through them."""
+    if body.max_words > settings.max_generate_words:
+        raise ValidationFailed(
+            f"max_words is {body.max_words}; the largest allowed is {settings.max_generate_words}",
+            field="max_words",
+            limit=settings.max_generate_words,
+        )
+    options = GenerateOptions(body.max_words, body.temperature, body.top_k, body.top_p, body.seed)
+    if not body.stream:
+        return await manager.generate(session_id, options, owner)
+    await manager.info(session_id, owner)  # a missing session is a plain 404, not an empty stream
+    return EventSourceResponse(_event_stream(manager, session_id, options, owner))
+
+
+async def _event_stream(manager: Any, session_id: str, options: GenerateOptions, owner: str) -> AsyncIterator[bytes]:
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def on_word(word: str, step: int) -> None:
+        await queue.put(format_sse_event(data_str=json.dumps({"word": word, "step": step}), event="word"))
+
+    async def run() -> None:
+        try:
+            result = await manager.generate(session_id, options, owner, on_word=on_word)
+            await queue.put(format_sse_event(data_str=json.dumps(result), event="done"))
+        except CellgateError as exc:
+            await queue.put(format_sse_event(data_str=json.dumps(exc.body()), event="error"))
+        finally:
+            await queue.put(None)
+
+    task = asyncio.create_task(run())
+    try:
+        while (item := await queue.get()) is not None:
+            yield item
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,88 @@
+"""WebSocket streaming: one answer per message, in order, on one session."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from service.deps import check_k, identify
+from service.errors import CellgateError, SessionNotFound, ShuttingDown, ValidationFailed
+from service.schemas import RewindRequest, StepRequest
+from service.sessions import SessionManager
+
+router = APIRouter(tags=["sessions"])
+
+SESSION_GONE = 4404  # close code sent after session_not_found
+UNAUTHORIZED = 4401
+
+
+def _validation_message(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+
+
+@router.websocket("/v1/sessions/{session_id}/stream")
+async def stream(websocket: WebSocket, session_id: str) -> None:
+    """Messages {"text", "k", "if_step"?, "explain"?} or {"rewind_to", "k"} -> {"step", "predictions", ...}."""
+    app = websocket.app
+    settings = app.state.settings
+    manager: SessionManager = app.state.manager
+    metrics = app.state.metrics
+    key = websocket.headers.get("x-api-key") or websocket.query_params.get("api_key")
+    auth = websocket.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    await websocket.accept()
+    try:
+        owner = identify(key, settings)
+        await manager.info(session_id, owner)
+    except CellgateError as exc:
+        await websocket.send_json(exc.body())
+        await websocket.close(SESSION_GONE if isinstance(exc, SessionNotFound) else UNAUTHORIZED)
+        return
+    metrics.websocket_connections.inc()
+    app.state.websockets.add(websocket)
+    try:
+        while True:
+            raw = await websocket.receive_text()
+            try:
+                if app.state.draining:
+                    raise ShuttingDown()
+                reply = await _answer(raw, manager, settings, session_id, owner)
+                metrics.websocket_messages.labels("ok").inc()
+                await websocket.send_json(reply)
+            except CellgateError as exc:
+                metrics.websocket_messages.labels("error").inc()
+                metrics.errors.labels(exc.code).inc()
+                await websocket.send_json(exc.body())
+                if isinstance(exc, SessionNotFound | ShuttingDown):
+                    await websocket.close(SESSION_GONE if isinstance(exc, SessionNotFound) else 1001)
+                    return
+    except WebSocketDisconnect:
+        pass
+    finally:
+        app.state.websockets.discard(websocket)
+        metrics.websocket_connections.dec()
+
+
+async def _answer(raw: str, manager: SessionManager, settings: Any, session_id: str, owner: str) -> dict[str, Any]:
+    try:
+        message = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValidationFailed(f"message is not valid JSON: {exc.msg}") from None
+    if not isinstance(message, dict):
+        raise ValidationFailed("message must be a JSON object")
+    try:
+        if "rewind_to" in message:
+            rewind = RewindRequest(to_step=message["rewind_to"], k=message.get("k", 5), if_step=message.get("if_step"))
+            check_k(rewind.k, settings)
+            result = await manager.rewind(session_id, rewind.to_step, rewind.k, rewind.if_step, owner)
+        else:
+            step = StepRequest.model_validate(message)
+            check_k(step.k, settings)
+            result = await manager.step(session_id, step.text, step.k, step.if_step, owner, explain=step.explain)
+    except ValidationError as exc:
+        raise ValidationFailed(_validation_message(exc)) from None
+    return result

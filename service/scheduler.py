@@ -1,0 +1,168 @@
+"""Cross-session dynamic batching: steps that arrive together run as one ONNX Runtime call.
+
+Requests wait in a bounded queue. One loop takes everything queued (up to max_batch), waiting at
+most max_wait for company when it finds a lone request, splits the batch into groups of similar
+length (padding a 1-word step to a 2,000-word prefill would waste the call), gathers each group's
+(h, C) into one tensor, runs it on a single inference thread so the event loop never blocks, and
+scatters the rows back to their futures. While one call runs, the next batch fills up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.config import Settings
+from service.errors import Overloaded
+from service.metrics import Metrics
+from service.runner import Runner
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One sequence's share of a batch result."""
+
+    top_ids: np.ndarray  # (k,)
+    top_log_probs: np.ndarray  # (k,)
+    hidden: np.ndarray  # (L, H)
+    cell: np.ndarray  # (L, H)
+    log_probs: np.ndarray | None  # (V,)
+
+
+@dataclass
+class _Job:
+    tokens: list[int]
+    hidden: np.ndarray  # (L, H)
+    cell: np.ndarray  # (L, H)
+    k: int
+    want_log_probs: bool
+    future: asyncio.Future[StepOutput]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+def partition_by_length(jobs: list[_Job]) -> list[list[_Job]]:
+    """Groups whose longest row is at most twice the shortest (plus slack for one-word steps)."""
+    ordered = sorted(jobs, key=lambda j: len(j.tokens))
+    groups: list[list[_Job]] = []
+    for job in ordered:
+        if groups and len(job.tokens) <= 2 * len(groups[-1][0].tokens) + 4:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+class Scheduler:
+    """The batcher between the SessionManager and the Runner."""
+
+    def __init__(self, runner: Runner, settings: Settings, metrics: Metrics) -> None:
+        self.runner = runner
+        self.max_batch = settings.max_batch
+        self.max_wait = settings.max_wait_us / 1e6
+        self.queue_timeout = settings.queue_timeout_seconds
+        self.metrics = metrics
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=settings.queue_size)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._task: asyncio.Task[None] | None = None
+        metrics.queue_capacity.set(settings.queue_size)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="batch-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    async def submit(
+        self, tokens: list[int], hidden: np.ndarray, cell: np.ndarray, k: int, want_log_probs: bool = False
+    ) -> StepOutput:
+        """Run one sequence from (h, C) (each (L, H)); raises Overloaded when the queue is full."""
+        future: asyncio.Future[StepOutput] = asyncio.get_running_loop().create_future()
+        job = _Job(tokens, hidden, cell, k, want_log_probs, future)
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self.metrics.overloaded.inc()
+            raise Overloaded() from None
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return await future
+
+    async def _collect(self) -> list[_Job]:
+        jobs = [await self._queue.get()]
+        deadline = time.perf_counter() + self.max_wait
+        while len(jobs) < self.max_batch:
+            try:
+                jobs.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return jobs
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._collect()
+            now = time.perf_counter()
+            live = []
+            for job in jobs:
+                if job.future.done():  # the caller went away (cancelled)
+                    continue
+                waited = now - job.enqueued_at
+                if waited > self.queue_timeout:
+                    self.metrics.overloaded.inc()
+                    job.future.set_exception(Overloaded(f"waited {waited:.1f}s in the queue; retry shortly"))
+                    continue
+                self.metrics.queue_wait.observe(waited)
+                live.append(job)
+            for group in partition_by_length(live):
+                try:
+                    outputs = await loop.run_in_executor(self._executor, self._run_group, group)
+                except Exception as exc:  # a failed call fails its requests, never the loop
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                    continue
+                for job, output in zip(group, outputs, strict=True):
+                    if not job.future.done():
+                        job.future.set_result(output)
+
+    def _run_group(self, group: list[_Job]) -> list[StepOutput]:
+        """Gather (h, C) rows, run once, scatter (runs on the inference thread)."""
+        hidden = np.stack([j.hidden for j in group], axis=1)  # (L, B, H)
+        cell = np.stack([j.cell for j in group], axis=1)
+        k = max(j.k for j in group)
+        want = any(j.want_log_probs for j in group)
+        started = time.perf_counter()
+        result = self.runner.run([j.tokens for j in group], hidden, cell, k, want_log_probs=want)
+        self.metrics.inference_duration.labels("step").observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(group))
+        return [
+            StepOutput(
+                top_ids=result.top_ids[row, : job.k],
+                top_log_probs=result.top_log_probs[row, : job.k],
+                hidden=result.hidden[:, row].copy(),
+                cell=result.cell[:, row].copy(),
+                log_probs=result.log_probs[row].copy() if job.want_log_probs and result.log_probs is not None else None,
+            )
+            for row, job in enumerate(group)
+        ]

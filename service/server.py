@@ -1,0 +1,70 @@
+"""Running the app under uvicorn: JSON logs, one worker, graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+import uvicorn
+from pythonjsonlogger.json import JsonFormatter
+
+from service.app import create_app
+from service.config import Settings
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", timestamp=False))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    logging.getLogger("cellgate.access").disabled = not settings.access_log
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").disabled = True  # our access log carries the request id
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: refuse new requests (503), close WebSockets cleanly, let in-flight work finish."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        app = self.config.loaded_app
+        state = getattr(getattr(app, "app", app), "state", None)
+        # Find the FastAPI app under the middleware stack uvicorn wrapped around it.
+        fastapi_app = self.config.app
+        state = getattr(fastapi_app, "state", state)
+        if state is not None and not getattr(state, "draining", False):
+            state.draining = True
+            for ws in list(getattr(state, "websockets", ())):
+                asyncio.get_event_loop().create_task(_close(ws))
+        super().handle_exit(sig, frame)
+
+
+async def _close(ws: Any) -> None:
+    try:
+        await ws.send_json({"error": {"code": "shutting_down", "message": "the server is shutting down"}})
+        await ws.close(1001)
+    except Exception:  # the peer may already be gone
+        logging.getLogger("cellgate").debug("websocket already closed during drain")
+
+
+def serve(settings: Settings) -> None:
+    """Run the service in the foreground until SIGTERM/SIGINT."""
+    configure_logging(settings)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_seconds),
+        ws_max_size=settings.max_ws_message_bytes,
+        server_header=False,
+        proxy_headers=False,
+    )
+    DrainingServer(config).run()

@@ -1,0 +1,378 @@
+"""The SessionManager: per-session order, exactly-once steps, TTL, fork, rewind and generation.
+
+Knows no FastAPI. Every operation loads a record from the Store, runs tokens through the
+Scheduler, and writes the new record back with compare-and-set on its revision, so that two
+replicas can never both apply a step on top of the same state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import numpy as np
+
+from model.vocab import detokenize
+from service.config import Settings
+from service.errors import (
+    HistoryExhausted,
+    InputTooLong,
+    ModelMismatch,
+    SessionNotFound,
+    StepConflict,
+    StoreUnavailable,
+)
+from service.metrics import Metrics
+from service.runner import Runner
+from service.sampling import sample
+from service.scheduler import Scheduler, StepOutput
+from service.store.base import SessionRecord, SessionStore, Snapshot
+from service.store.codec import decode_state, encode_state
+
+T = TypeVar("T")
+CAS_ATTEMPTS = 8  # retries when another replica wrote the session between our read and write
+
+
+def new_session_id() -> str:
+    """192 random bits from `secrets`, URL-safe."""
+    return secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    unknown: list[str]
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    max_words: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+
+
+class SessionManager:
+    """Sessions over a Store, inference through the Scheduler."""
+
+    def __init__(self, store: SessionStore, scheduler: Scheduler, runner: Runner, settings: Settings, metrics: Metrics):
+        self.store = store
+        self.scheduler = scheduler
+        self.runner = runner
+        self.vocab = runner.vocab
+        self.settings = settings
+        self.metrics = metrics
+        self.model_version = runner.bundle.model_version
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    # ----- helpers -----------------------------------------------------------------------------
+
+    def encode(self, text: str) -> Encoded:
+        ids, unknown = self.vocab.encode(text)
+        if len(ids) > self.settings.max_tokens_per_request:
+            raise InputTooLong(
+                f"the text has {len(ids)} tokens; the limit is {self.settings.max_tokens_per_request}",
+                tokens=len(ids),
+                limit=self.settings.max_tokens_per_request,
+            )
+        return Encoded(ids, unknown)
+
+    def predictions(self, output: StepOutput) -> list[dict[str, Any]]:
+        words = self.vocab.words
+        return [
+            {"word": words[int(i)], "prob": float(np.exp(lp))}
+            for i, lp in zip(output.top_ids.tolist(), output.top_log_probs.tolist(), strict=True)
+        ]
+
+    def expires_at(self, record: SessionRecord) -> float:
+        return record.last_used_at + self.store.ttl_seconds
+
+    def _state(self, record: SessionRecord) -> tuple[np.ndarray, np.ndarray]:
+        if record.model_version != self.model_version:
+            raise ModelMismatch(
+                f"session {record.session_id!r} holds a state of model {record.model_version}; "
+                f"this server runs {self.model_version}"
+            )
+        try:
+            return decode_state(record.state, self.runner.layers, self.runner.hidden_size)
+        except ValueError as exc:
+            raise ModelMismatch(f"session {record.session_id!r} holds an unusable state: {exc}") from exc
+
+    async def _timed(self, operation: str, call: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            return await call
+        except StoreUnavailable:
+            self.metrics.store_errors.labels(operation).inc()
+            raise
+        finally:
+            self.metrics.store_duration.labels(operation).observe(time.perf_counter() - started)
+
+    async def _load(self, session_id: str, owner: str) -> SessionRecord:
+        record = await self._timed("get", self.store.get(session_id))
+        # Another key's session looks exactly like a missing one: ids are not an oracle.
+        if record is None or not secrets.compare_digest(record.owner, owner):
+            raise SessionNotFound(session_id)
+        return record
+
+    @asynccontextmanager
+    async def _ordered(self, session_id: str) -> AsyncIterator[None]:
+        """Serialise operations on one session in arrival order (asyncio.Lock is FIFO)."""
+        lock, users = self._locks.get(session_id, (asyncio.Lock(), 0))
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[session_id]
+            if users == 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
+
+    def _history_after(self, record: SessionRecord, step: int, state: bytes, tokens: list[int]) -> dict[str, Any]:
+        """The history fields once `tokens` moved the session from record.step to step with `state`."""
+        limit = self.settings.session_history
+        if limit == 0:
+            return {"history": (), "history_tokens": ()}
+        history = (*record.history, Snapshot(step, state))
+        all_tokens = (*record.history_tokens, *tokens)
+        # Keep snapshots within the last `limit` tokens (always the current one).
+        kept = tuple(s for s in history if s.step >= step - limit)
+        drop = len(all_tokens) - (step - kept[0].step)
+        return {"history": kept, "history_tokens": all_tokens[drop:]}
+
+    def _response(self, record: SessionRecord, predictions: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "session_id": record.session_id,
+            "step": record.step,
+            "predictions": predictions,
+            "expires_at": self.expires_at(record),
+        }
+
+    @staticmethod
+    def fingerprint(kind: str, if_step: int | None, payload: str) -> str:
+        digest = hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return f"{kind}:{if_step}:{digest}"
+
+    async def _write(self, updated: SessionRecord, expected_revision: int) -> bool:
+        return await self._timed("replace", self.store.replace(updated, expected_revision))
+
+    # ----- operations -----------------------------------------------------------------------------
+
+    async def predict(self, text: str, k: int) -> dict[str, Any]:
+        """Stateless: the text from a zero state."""
+        encoded = self.encode(text)
+        hidden, cell = self.runner.zero_state(1)
+        output = await self.scheduler.submit(encoded.ids, hidden[:, 0], cell[:, 0], k)
+        self.metrics.tokens.labels("prefill").inc(len(encoded.ids))
+        return {"predictions": self.predictions(output), "tokens": len(encoded.ids), "unknown": encoded.unknown}
+
+    async def create(self, text: str, k: int, owner: str) -> dict[str, Any]:
+        encoded = self.encode(text)
+        hidden, cell = self.runner.zero_state(1)
+        output = await self.scheduler.submit(encoded.ids, hidden[:, 0], cell[:, 0], k)
+        now = time.time()
+        zero = encode_state(hidden[:, 0], cell[:, 0])
+        base = SessionRecord(
+            session_id=new_session_id(),
+            owner=owner,
+            model_version=self.model_version,
+            step=0,
+            revision=0,
+            state=zero,
+            created_at=now,
+            last_used_at=now,
+            history=(Snapshot(0, zero),) if self.settings.session_history else (),
+        )
+        state = encode_state(output.hidden, output.cell)
+        step = len(encoded.ids)
+        record = replace(base, step=step, state=state, **self._history_after(base, step, state, encoded.ids))
+        await self._timed("create", self.store.create(record))
+        self.metrics.sessions_created.inc()
+        self.metrics.tokens.labels("prefill").inc(len(encoded.ids))
+        response = self._response(record, self.predictions(output))
+        response["unknown"] = encoded.unknown
+        return response
+
+    async def info(self, session_id: str, owner: str) -> dict[str, Any]:
+        record = await self._load(session_id, owner)
+        history = record.history
+        return {
+            "session_id": record.session_id,
+            "step": record.step,
+            "created_at": record.created_at,
+            "last_used_at": record.last_used_at,
+            "expires_at": self.expires_at(record),
+            "model_version": record.model_version,
+            "oldest_step": history[0].step if history else record.step,
+        }
+
+    async def delete(self, session_id: str, owner: str) -> None:
+        async with self._ordered(session_id):
+            await self._load(session_id, owner)
+            if not await self._timed("delete", self.store.delete(session_id)):
+                raise SessionNotFound(session_id)
+            self.metrics.sessions_ended.labels("deleted").inc()
+
+    async def step(
+        self, session_id: str, text: str, k: int, if_step: int | None, owner: str, explain: bool = False
+    ) -> dict[str, Any]:
+        """Advance the session through text, exactly once per if_step."""
+        encoded = self.encode(text)
+        fingerprint = self.fingerprint("step", if_step, text)
+        async with self._ordered(session_id):
+            for _ in range(CAS_ATTEMPTS):
+                record = await self._load(session_id, owner)
+                replay = self._check_if_step(record, if_step, fingerprint)
+                if replay is not None:
+                    return replay
+                hidden, cell = self._state(record)
+                output = await self.scheduler.submit(encoded.ids, hidden, cell, k)
+                response = self._apply(record, encoded, output, fingerprint)
+                updated: SessionRecord = response.pop("_record")
+                if await self._write(updated, record.revision):
+                    self.metrics.tokens.labels("step").inc(len(encoded.ids))
+                    response["unknown"] = encoded.unknown
+                    if explain:
+                        response["explain"] = self._explain(encoded.ids, hidden, cell)
+                    return response
+                # Another replica wrote first: with if_step the next pass reports the conflict or replays.
+            raise StepConflict(record.step, "the session kept changing under this request; retry")
+
+    def _check_if_step(self, record: SessionRecord, if_step: int | None, fingerprint: str) -> dict[str, Any] | None:
+        if if_step is None or if_step == record.step:
+            return None
+        if record.last_request == fingerprint and record.last_response:
+            self.metrics.replays.inc()
+            replayed: dict[str, Any] = json.loads(record.last_response)
+            return replayed
+        self.metrics.step_conflicts.inc()
+        raise StepConflict(record.step, f"if_step is {if_step} but the session is at step {record.step}")
+
+    def _apply(self, record: SessionRecord, encoded: Encoded, output: StepOutput, fingerprint: str) -> dict[str, Any]:
+        state = encode_state(output.hidden, output.cell)
+        step = record.step + len(encoded.ids)
+        predictions = self.predictions(output)
+        now = time.time()
+        draft = record.evolve(step=step, state=state, last_used_at=now)
+        response = self._response(draft, predictions)
+        updated = replace(
+            draft,
+            last_request=fingerprint,
+            last_response=json.dumps(response).encode(),
+            **self._history_after(record, step, state, encoded.ids),
+        )
+        return {**response, "_record": updated}
+
+    def _explain(self, ids: list[int], hidden: np.ndarray, cell: np.ndarray) -> dict[str, Any]:
+        """Gates per token and layer (f, i, o, C̃, C) for the words just consumed."""
+        gates = self.runner.explain(ids, hidden[:, None, :], cell[:, None, :])
+        return {
+            "words": self.vocab.decode(ids),
+            "layers": self.runner.layers,
+            **{
+                name: np.round(gates[name], 4).tolist()  # (T, L, H)
+                for name in ("forget_gate", "input_gate", "output_gate", "candidate", "cell")
+            },
+        }
+
+    async def fork(self, session_id: str, owner: str) -> dict[str, Any]:
+        record = await self._load(session_id, owner)
+        hidden, cell = self._state(record)
+        now = time.time()
+        child = replace(
+            record,
+            session_id=new_session_id(),
+            revision=0,
+            created_at=now,
+            last_used_at=now,
+            last_request="",
+            last_response=b"",
+        )
+        output = await self.scheduler.submit([], hidden, cell, 5)
+        await self._timed("create", self.store.create(child))
+        self.metrics.sessions_created.inc()
+        return self._response(child, self.predictions(output))
+
+    async def rewind(self, session_id: str, to_step: int, k: int, if_step: int | None, owner: str) -> dict[str, Any]:
+        """Restore the state the session had after to_step tokens (exact: stored or recomputed)."""
+        fingerprint = self.fingerprint("rewind", if_step, str(to_step))
+        async with self._ordered(session_id):
+            for _ in range(CAS_ATTEMPTS):
+                record = await self._load(session_id, owner)
+                replay = self._check_if_step(record, if_step, fingerprint)
+                if replay is not None:
+                    return replay
+                self._state(record)  # refuses a foreign model's state
+                if to_step > record.step:
+                    self.metrics.step_conflicts.inc()
+                    raise StepConflict(record.step, f"cannot rewind forward to {to_step}")
+                history = record.history
+                if not history or to_step < history[0].step:
+                    raise HistoryExhausted(history[0].step if history else record.step, record.step)
+                base = max((s for s in history if s.step <= to_step), key=lambda s: s.step)
+                hidden, cell = decode_state(base.state, self.runner.layers, self.runner.hidden_size)
+                offset = base.step - history[0].step
+                replay_tokens = list(record.history_tokens[offset : offset + to_step - base.step])
+                output = await self.scheduler.submit(replay_tokens, hidden, cell, k)
+                state = base.state if not replay_tokens else encode_state(output.hidden, output.cell)
+                kept = (*[s for s in history if s.step < to_step], Snapshot(to_step, state))
+                draft = record.evolve(step=to_step, state=state, last_used_at=time.time())
+                response = self._response(draft, self.predictions(output))
+                updated = replace(
+                    draft,
+                    history=kept,
+                    history_tokens=record.history_tokens[: to_step - history[0].step],
+                    last_request=fingerprint,
+                    last_response=json.dumps(response).encode(),
+                )
+                if await self._write(updated, record.revision):
+                    return response
+            raise StepConflict(record.step, "the session kept changing under this request; retry")
+
+    async def generate(
+        self,
+        session_id: str,
+        options: GenerateOptions,
+        owner: str,
+        on_word: Callable[[str, int], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
+        """Sample words from the session's state, advancing it through them (committed at the end)."""
+        rng = np.random.default_rng(options.seed)
+        banned = [self.vocab.pad_id, self.vocab.unk_id]
+        async with self._ordered(session_id):
+            record = await self._load(session_id, owner)
+            hidden, cell = self._state(record)
+            output = await self.scheduler.submit([], hidden, cell, 1, want_log_probs=True)
+            ids: list[int] = []
+            for _ in range(options.max_words):
+                assert output.log_probs is not None
+                word_id = sample(output.log_probs, rng, options.temperature, options.top_k, options.top_p, banned)
+                ids.append(word_id)
+                output = await self.scheduler.submit([word_id], output.hidden, output.cell, 1, want_log_probs=True)
+                if on_word is not None:
+                    await on_word(self.vocab.words[word_id], record.step + len(ids))
+            state = encode_state(output.hidden, output.cell)
+            step = record.step + len(ids)
+            words = self.vocab.decode(ids)
+            updated = record.evolve(
+                step=step,
+                state=state,
+                last_used_at=time.time(),
+                last_request="",
+                last_response=b"",
+                **self._history_after(record, step, state, ids),
+            )
+            if not await self._write(updated, record.revision):
+                raise StepConflict(record.step, "the session changed during generation; nothing was applied")
+            self.metrics.tokens.labels("generated").inc(len(ids))
+            return {"session_id": session_id, "words": words, "text": detokenize(words), "step": step}

@@ -1,0 +1,75 @@
+"""The one place that turns (h, C) into bytes and back, and records into Redis hash fields."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.store.base import SessionRecord, Snapshot
+
+
+def encode_state(hidden: np.ndarray, cell: np.ndarray) -> bytes:
+    """h then C, each (L, H), as raw little-endian float32: exact, no rounding."""
+    return np.ascontiguousarray(hidden, dtype="<f4").tobytes() + np.ascontiguousarray(cell, dtype="<f4").tobytes()
+
+
+def decode_state(data: bytes, layers: int, hidden_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(h, C) each (L, H) from encode_state's bytes; raises ValueError on a wrong size."""
+    expected = 2 * layers * hidden_size * 4
+    if len(data) != expected:
+        raise ValueError(f"state has {len(data)} bytes, this model needs {expected}")
+    flat = np.frombuffer(data, dtype="<f4").reshape(2, layers, hidden_size)
+    return flat[0], flat[1]
+
+
+def encode_history(history: tuple[Snapshot, ...]) -> tuple[bytes, bytes]:
+    """(steps as int64 bytes, states concatenated)."""
+    steps = np.array([s.step for s in history], dtype="<i8").tobytes()
+    return steps, b"".join(s.state for s in history)
+
+
+def decode_history(steps: bytes, states: bytes) -> tuple[Snapshot, ...]:
+    step_values = np.frombuffer(steps, dtype="<i8")
+    if len(step_values) == 0:
+        return ()
+    size = len(states) // len(step_values)
+    return tuple(Snapshot(int(step), states[i * size : (i + 1) * size]) for i, step in enumerate(step_values.tolist()))
+
+
+def record_to_fields(record: SessionRecord) -> dict[str, bytes]:
+    """Hash fields for Redis (all bytes, so binary state survives)."""
+    hist_steps, hist_states = encode_history(record.history)
+    return {
+        "session_id": record.session_id.encode(),
+        "owner": record.owner.encode(),
+        "model_version": record.model_version.encode(),
+        "step": str(record.step).encode(),
+        "revision": str(record.revision).encode(),
+        "state": record.state,
+        "created_at": repr(record.created_at).encode(),
+        "last_used_at": repr(record.last_used_at).encode(),
+        "last_request": record.last_request.encode(),
+        "last_response": record.last_response,
+        "history_steps": hist_steps,
+        "history_states": hist_states,
+        "history_tokens": np.array(record.history_tokens, dtype="<i4").tobytes(),
+    }
+
+
+def record_from_fields(fields: dict[bytes, bytes]) -> SessionRecord:
+    def text(name: str) -> str:
+        return fields[name.encode()].decode()
+
+    return SessionRecord(
+        session_id=text("session_id"),
+        owner=text("owner"),
+        model_version=text("model_version"),
+        step=int(text("step")),
+        revision=int(text("revision")),
+        state=fields[b"state"],
+        created_at=float(text("created_at")),
+        last_used_at=float(text("last_used_at")),
+        last_request=text("last_request"),
+        last_response=fields[b"last_response"],
+        history=decode_history(fields.get(b"history_steps", b""), fields.get(b"history_states", b"")),
+        history_tokens=tuple(np.frombuffer(fields.get(b"history_tokens", b""), dtype="<i4").tolist()),
+    )

@@ -1,0 +1,55 @@
+"""Shared, expensive fixtures: a tiny trained model and its bundle, built once per test run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import ServerProcess, running_server
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small LSTM trained for a few seconds on builtin:longrange with short gaps."""
+    from model.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = TrainConfig(
+        corpus="builtin:longrange",
+        out=str(out),
+        mode="lines",
+        embed_size=32,
+        hidden_size=32,
+        num_layers=2,
+        dropout=0.0,
+        optimizer="adamw",
+        lr=1e-2,
+        clip=1.0,
+        schedule="none",
+        batch_size=32,
+        epochs=4,
+        patience=10,
+        episodes=400,
+        gap_max=12,
+        progress=False,
+    )
+    train(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.build import export_checkpoint
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_checkpoint(tiny_run, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(tiny_bundle: Path) -> Iterator[ServerProcess]:
+    """One real uvicorn process shared by the API tests (short TTL off; defaults otherwise)."""
+    with running_server(tiny_bundle, {"CELLGATE_ACCESS_LOG": "false"}) as proc:
+        yield proc
