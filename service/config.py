@@ -8,7 +8,6 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-
 Provider = Literal["cpu", "cuda"]
 
 
