@@ -72,6 +72,9 @@ class SessionManager:
         self.metrics = metrics
         self.model_version = runner.bundle.model_version
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        zero_h, zero_c = runner.zero_state(1)
+        # One immutable zero state shared by every session's first snapshot (bytes are never mutated).
+        self._zero_state = encode_state(zero_h[:, 0], zero_c[:, 0])
 
     # ----- helpers -----------------------------------------------------------------------------
 
@@ -143,7 +146,12 @@ class SessionManager:
         limit = self.settings.session_history
         if limit == 0:
             return {"history": (), "history_tokens": ()}
-        history = (*record.history, Snapshot(step, state))
+        if not tokens:  # nothing consumed: the last snapshot already is this state
+            return {"history": record.history, "history_tokens": record.history_tokens}
+        prior = record.history
+        if not prior or prior[-1].step != record.step:  # the state before these tokens, shared not copied
+            prior = (*prior, Snapshot(record.step, record.state))
+        history = (*prior, Snapshot(step, state))
         all_tokens = (*record.history_tokens, *tokens)
         # Keep snapshots within the last `limit` tokens (always the current one).
         kept = tuple(s for s in history if s.step >= step - limit)
@@ -181,7 +189,7 @@ class SessionManager:
         hidden, cell = self.runner.zero_state(1)
         output = await self.scheduler.submit(encoded.ids, hidden[:, 0], cell[:, 0], k)
         now = time.time()
-        zero = encode_state(hidden[:, 0], cell[:, 0])
+        zero = self._zero_state
         base = SessionRecord(
             session_id=new_session_id(),
             owner=owner,
@@ -191,10 +199,10 @@ class SessionManager:
             state=zero,
             created_at=now,
             last_used_at=now,
-            history=(Snapshot(0, zero),) if self.settings.session_history else (),
         )
-        state = encode_state(output.hidden, output.cell)
         step = len(encoded.ids)
+        # Share one bytes object between the state and its snapshot: no second copy per session.
+        state = encode_state(output.hidden, output.cell) if step else zero
         record = replace(base, step=step, state=state, **self._history_after(base, step, state, encoded.ids))
         await self._timed("create", self.store.create(record))
         self.metrics.sessions_created.inc()
