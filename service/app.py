@@ -46,7 +46,7 @@ def build_store(settings: Settings, metrics: Metrics) -> SessionStore:
     if settings.session_store.startswith(("redis://", "rediss://", "unix://")):
         from service.store.redis import RedisStore
 
-        return RedisStore(settings, events)  # type: ignore[no-any-return]
+        return RedisStore(settings, events)
     raise ValueError(f"CELLGATE_SESSION_STORE must be 'memory' or a redis:// URL, got {settings.session_store!r}")
 
 
@@ -138,7 +138,8 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         error = CellgateError("internal error; the request id is in the X-Request-ID header")
         return await render(request, error)
 
-    for router in (health.router, model.router, predict.router, sessions.router, stream.router):
+    # Hot routes first: Starlette tries routes in order.
+    for router in (sessions.router, stream.router, predict.router, health.router, model.router):
         app.include_router(router)
     if STATIC.is_dir() and (STATIC / "index.html").exists():
         from fastapi.staticfiles import StaticFiles

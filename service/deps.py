@@ -1,33 +1,44 @@
-"""Typed dependencies for routes: the SessionManager, the caller's identity, request limits."""
+"""What every route needs from a request: the SessionManager, the settings and the caller's identity.
+
+Routes call `caller(request)` instead of declaring three FastAPI dependencies: measured on the step
+route, each injected dependency cost about 8 % of the framework floor's throughput (solving them
+is per request), while these are attribute lookups and one key check.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated
+from dataclasses import dataclass
 
-from fastapi import Depends, Request
+from fastapi import Request, Response
 
 from service.config import Settings
 from service.errors import RateLimited, Unauthorized, ValidationFailed
-from service.sessions import SessionManager
+from service.sessions import Reply, SessionManager
 
 
-def get_manager(request: Request) -> SessionManager:
-    manager: SessionManager = request.app.state.manager
-    return manager
+@dataclass(frozen=True, slots=True)
+class Caller:
+    manager: SessionManager
+    settings: Settings
+    owner: str  # fingerprint of the API key ("" when keys are off)
+
+    def check_k(self, k: int) -> None:
+        if k > self.settings.max_k:
+            raise ValidationFailed(
+                f"k is {k}; the largest allowed is {self.settings.max_k}", field="k", limit=self.settings.max_k
+            )
 
 
-def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
+def presented_key(headers: object, query_key: str | None = None) -> str | None:
+    """The API key from `Authorization: Bearer`, `X-API-Key`, or (WebSocket only) a query parameter."""
+    get = headers.get  # type: ignore[attr-defined]
+    auth: str = get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
-    return request.headers.get("x-api-key")
+    key: str | None = get("x-api-key")
+    return key or query_key
 
 
 def identify(key: str | None, settings: Settings) -> str:
@@ -44,20 +55,17 @@ def identify(key: str | None, settings: Settings) -> str:
     raise Unauthorized("a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
 
 
-def get_owner(request: Request) -> str:
-    settings = get_settings(request)
-    owner = identify(_presented_key(request), settings)
-    limiter = request.app.state.rate_limiter
+def caller(request: Request) -> Caller:
+    """Authenticate and rate-limit the request; raises Unauthorized or RateLimited."""
+    state = request.app.state
+    settings: Settings = state.settings
+    owner = identify(presented_key(request.headers), settings) if settings.api_keys else ""
+    limiter = state.rate_limiter
     if limiter is not None and not limiter.allow(owner):
         raise RateLimited("too many requests for this key", headers={"Retry-After": "1"})
-    return owner
+    return Caller(state.manager, settings, owner)
 
 
-def check_k(k: int, settings: Settings) -> None:
-    if k > settings.max_k:
-        raise ValidationFailed(f"k is {k}; the largest allowed is {settings.max_k}", field="k", limit=settings.max_k)
-
-
-Manager = Annotated[SessionManager, Depends(get_manager)]
-Owner = Annotated[str, Depends(get_owner)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+def json_reply(reply: Reply, status_code: int = 200) -> Response:
+    """Send a reply's JSON as serialized once by the SessionManager (no second validation pass)."""
+    return Response(reply.body, status_code=status_code, media_type="application/json")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
-import secrets
 import time
 from typing import Any
 
@@ -41,6 +41,7 @@ class ServiceMiddleware:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.draining = draining  # callable -> bool
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,7 +50,8 @@ class ServiceMiddleware:
         started = time.perf_counter()
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+        # Request ids identify, they do not protect: a fast PRNG is enough (secrets costs a syscall).
+        request_id = given if given and _REQUEST_ID.match(given) else f"{random.getrandbits(64):016x}"
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
         method = scope["method"]
@@ -80,6 +82,9 @@ class ServiceMiddleware:
             elif length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
                 # Refused from the header alone: the body is never read.
                 await send_error(send_wrapper, _too_large(self.max_body_bytes), request_id)
+            elif length is not None:
+                # The server never hands the app more than Content-Length bytes: no need to count.
+                await self.app(scope, receive, send_wrapper)
             else:
                 try:
                     await self.app(scope, receive_limited, send_wrapper)
@@ -90,8 +95,16 @@ class ServiceMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - started
-            self.metrics.requests.labels(template, method, str(status)).inc()
-            self.metrics.request_duration.labels(template, method).observe(elapsed)
+            key = (template, method, status)
+            children = self._children.get(key)
+            if children is None:  # labels() costs a lock and a dict lookup; routes x statuses is small
+                children = (
+                    self.metrics.requests.labels(template, method, str(status)),
+                    self.metrics.request_duration.labels(template, method),
+                )
+                self._children[key] = children
+            children[0].inc()
+            children[1].observe(elapsed)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(
                     "request",

@@ -6,6 +6,7 @@ State goes in and comes back out: `run(tokens, h, c, k) -> RunResult(top ids, to
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +98,7 @@ class Runner:
 
     def run(
         self,
-        sequences: list[list[int]],
+        sequences: Sequence[Sequence[int]],
         hidden: np.ndarray,
         cell: np.ndarray,
         k: int,
@@ -125,7 +126,7 @@ class Runner:
             log_probs=result[4] if want_log_probs else None,
         )
 
-    def explain(self, tokens: list[int], hidden: np.ndarray, cell: np.ndarray) -> dict[str, np.ndarray]:
+    def explain(self, tokens: Sequence[int], hidden: np.ndarray, cell: np.ndarray) -> dict[str, np.ndarray]:
         """Gate activations per token and layer for one sequence: name -> (T, L, H)."""
         if self.explain_session is None:
             raise RuntimeError("this bundle has no explain graph")

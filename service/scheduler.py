@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -36,7 +37,7 @@ class StepOutput:
 
 @dataclass
 class _Job:
-    tokens: list[int]
+    tokens: Sequence[int]
     hidden: np.ndarray  # (L, H)
     cell: np.ndarray  # (L, H)
     k: int
@@ -86,7 +87,7 @@ class Scheduler:
         return self._queue.qsize()
 
     async def submit(
-        self, tokens: list[int], hidden: np.ndarray, cell: np.ndarray, k: int, want_log_probs: bool = False
+        self, tokens: Sequence[int], hidden: np.ndarray, cell: np.ndarray, k: int, want_log_probs: bool = False
     ) -> StepOutput:
         """Run one sequence from (h, C) (each (L, H)); raises Overloaded when the queue is full."""
         future: asyncio.Future[StepOutput] = asyncio.get_running_loop().create_future()

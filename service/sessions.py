@@ -12,8 +12,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -38,6 +37,31 @@ from service.store.codec import decode_state, encode_state
 
 T = TypeVar("T")
 CAS_ATTEMPTS = 8  # retries when another replica wrote the session between our read and write
+ENCODE_CACHE_SIZE = 50_000  # short texts -> token ids; a few MB at most
+
+
+class _SessionTurn:
+    """An async context manager that waits for a session's turn; the lock is dropped when unused."""
+
+    __slots__ = ("_lock", "_locks", "_session_id")
+
+    def __init__(self, locks: dict[str, tuple[asyncio.Lock, int]], session_id: str) -> None:
+        self._locks = locks
+        self._session_id = session_id
+        lock, users = locks.get(session_id) or (asyncio.Lock(), 0)
+        locks[session_id] = (lock, users + 1)
+        self._lock = lock
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+        lock, users = self._locks[self._session_id]
+        if users == 1:
+            del self._locks[self._session_id]
+        else:
+            self._locks[self._session_id] = (lock, users - 1)
 
 
 def new_session_id() -> str:
@@ -45,10 +69,22 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(24)
 
 
+class Reply(dict[str, Any]):
+    """A response body that also carries its JSON, serialized once: stored for replays, sent as-is."""
+
+    body: bytes
+
+    @classmethod
+    def of(cls, data: dict[str, Any], body: bytes | None = None) -> Reply:
+        reply = cls(data)
+        reply.body = body if body is not None else json.dumps(data).encode()
+        return reply
+
+
 @dataclass(frozen=True)
 class Encoded:
-    ids: list[int]
-    unknown: list[str]
+    ids: tuple[int, ...]  # immutable: cached and shared between requests
+    unknown: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -72,6 +108,8 @@ class SessionManager:
         self.metrics = metrics
         self.model_version = runner.bundle.model_version
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._encoded: dict[str, Encoded] = {}
+        self._store_timers: dict[str, Any] = {}
         zero_h, zero_c = runner.zero_state(1)
         # One immutable zero state shared by every session's first snapshot (bytes are never mutated).
         self._zero_state = encode_state(zero_h[:, 0], zero_c[:, 0])
@@ -79,6 +117,9 @@ class SessionManager:
     # ----- helpers -----------------------------------------------------------------------------
 
     def encode(self, text: str) -> Encoded:
+        cached = self._encoded.get(text)
+        if cached is not None:
+            return cached
         ids, unknown = self.vocab.encode(text)
         if len(ids) > self.settings.max_tokens_per_request:
             raise InputTooLong(
@@ -86,14 +127,17 @@ class SessionManager:
                 tokens=len(ids),
                 limit=self.settings.max_tokens_per_request,
             )
-        return Encoded(ids, unknown)
+        encoded = Encoded(tuple(ids), tuple(unknown))
+        if len(text) <= 64:  # keyboards send the same short words over and over
+            if len(self._encoded) >= ENCODE_CACHE_SIZE:
+                self._encoded.pop(next(iter(self._encoded)))
+            self._encoded[text] = encoded
+        return encoded
 
     def predictions(self, output: StepOutput) -> list[dict[str, Any]]:
         words = self.vocab.words
-        return [
-            {"word": words[int(i)], "prob": float(np.exp(lp))}
-            for i, lp in zip(output.top_ids.tolist(), output.top_log_probs.tolist(), strict=True)
-        ]
+        probs = np.exp(output.top_log_probs.astype(np.float64)).tolist()
+        return [{"word": words[i], "prob": p} for i, p in zip(output.top_ids.tolist(), probs, strict=True)]
 
     def expires_at(self, record: SessionRecord) -> float:
         return record.last_used_at + self.store.ttl_seconds
@@ -117,7 +161,10 @@ class SessionManager:
             self.metrics.store_errors.labels(operation).inc()
             raise
         finally:
-            self.metrics.store_duration.labels(operation).observe(time.perf_counter() - started)
+            timer = self._store_timers.get(operation)
+            if timer is None:
+                timer = self._store_timers[operation] = self.metrics.store_duration.labels(operation)
+            timer.observe(time.perf_counter() - started)
 
     async def _load(self, session_id: str, owner: str) -> SessionRecord:
         record = await self._timed("get", self.store.get(session_id))
@@ -126,22 +173,11 @@ class SessionManager:
             raise SessionNotFound(session_id)
         return record
 
-    @asynccontextmanager
-    async def _ordered(self, session_id: str) -> AsyncIterator[None]:
+    def _ordered(self, session_id: str) -> _SessionTurn:
         """Serialise operations on one session in arrival order (asyncio.Lock is FIFO)."""
-        lock, users = self._locks.get(session_id, (asyncio.Lock(), 0))
-        self._locks[session_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[session_id]
-            if users == 1:
-                del self._locks[session_id]
-            else:
-                self._locks[session_id] = (lock, users - 1)
+        return _SessionTurn(self._locks, session_id)
 
-    def _history_after(self, record: SessionRecord, step: int, state: bytes, tokens: list[int]) -> dict[str, Any]:
+    def _history_after(self, record: SessionRecord, step: int, state: bytes, tokens: Sequence[int]) -> dict[str, Any]:
         """The history fields once `tokens` moved the session from record.step to step with `state`."""
         limit = self.settings.session_history
         if limit == 0:
@@ -176,15 +212,17 @@ class SessionManager:
 
     # ----- operations -----------------------------------------------------------------------------
 
-    async def predict(self, text: str, k: int) -> dict[str, Any]:
+    async def predict(self, text: str, k: int) -> Reply:
         """Stateless: the text from a zero state."""
         encoded = self.encode(text)
         hidden, cell = self.runner.zero_state(1)
         output = await self.scheduler.submit(encoded.ids, hidden[:, 0], cell[:, 0], k)
         self.metrics.tokens.labels("prefill").inc(len(encoded.ids))
-        return {"predictions": self.predictions(output), "tokens": len(encoded.ids), "unknown": encoded.unknown}
+        return Reply.of(
+            {"predictions": self.predictions(output), "tokens": len(encoded.ids), "unknown": encoded.unknown}
+        )
 
-    async def create(self, text: str, k: int, owner: str) -> dict[str, Any]:
+    async def create(self, text: str, k: int, owner: str) -> Reply:
         encoded = self.encode(text)
         hidden, cell = self.runner.zero_state(1)
         output = await self.scheduler.submit(encoded.ids, hidden[:, 0], cell[:, 0], k)
@@ -209,7 +247,7 @@ class SessionManager:
         self.metrics.tokens.labels("prefill").inc(len(encoded.ids))
         response = self._response(record, self.predictions(output))
         response["unknown"] = encoded.unknown
-        return response
+        return Reply.of(response)
 
     async def info(self, session_id: str, owner: str) -> dict[str, Any]:
         record = await self._load(session_id, owner)
@@ -233,7 +271,7 @@ class SessionManager:
 
     async def step(
         self, session_id: str, text: str, k: int, if_step: int | None, owner: str, explain: bool = False
-    ) -> dict[str, Any]:
+    ) -> Reply:
         """Advance the session through text, exactly once per if_step."""
         encoded = self.encode(text)
         fingerprint = self.fingerprint("step", if_step, text)
@@ -245,43 +283,42 @@ class SessionManager:
                     return replay
                 hidden, cell = self._state(record)
                 output = await self.scheduler.submit(encoded.ids, hidden, cell, k)
-                response = self._apply(record, encoded, output, fingerprint)
-                updated: SessionRecord = response.pop("_record")
+                reply, updated = self._apply(record, encoded, output, fingerprint)
                 if await self._write(updated, record.revision):
                     self.metrics.tokens.labels("step").inc(len(encoded.ids))
-                    response["unknown"] = encoded.unknown
                     if explain:
-                        response["explain"] = self._explain(encoded.ids, hidden, cell)
-                    return response
+                        return Reply.of({**reply, "explain": self._explain(encoded.ids, hidden, cell)})
+                    return reply
                 # Another replica wrote first: with if_step the next pass reports the conflict or replays.
             raise StepConflict(record.step, "the session kept changing under this request; retry")
 
-    def _check_if_step(self, record: SessionRecord, if_step: int | None, fingerprint: str) -> dict[str, Any] | None:
+    def _check_if_step(self, record: SessionRecord, if_step: int | None, fingerprint: str) -> Reply | None:
         if if_step is None or if_step == record.step:
             return None
         if record.last_request == fingerprint and record.last_response:
             self.metrics.replays.inc()
-            replayed: dict[str, Any] = json.loads(record.last_response)
-            return replayed
+            return Reply.of(json.loads(record.last_response), record.last_response)
         self.metrics.step_conflicts.inc()
         raise StepConflict(record.step, f"if_step is {if_step} but the session is at step {record.step}")
 
-    def _apply(self, record: SessionRecord, encoded: Encoded, output: StepOutput, fingerprint: str) -> dict[str, Any]:
+    def _apply(
+        self, record: SessionRecord, encoded: Encoded, output: StepOutput, fingerprint: str
+    ) -> tuple[Reply, SessionRecord]:
         state = encode_state(output.hidden, output.cell)
         step = record.step + len(encoded.ids)
         predictions = self.predictions(output)
         now = time.time()
         draft = record.evolve(step=step, state=state, last_used_at=now)
-        response = self._response(draft, predictions)
+        reply = Reply.of({**self._response(draft, predictions), "unknown": encoded.unknown})
         updated = replace(
             draft,
             last_request=fingerprint,
-            last_response=json.dumps(response).encode(),
+            last_response=reply.body,
             **self._history_after(record, step, state, encoded.ids),
         )
-        return {**response, "_record": updated}
+        return reply, updated
 
-    def _explain(self, ids: list[int], hidden: np.ndarray, cell: np.ndarray) -> dict[str, Any]:
+    def _explain(self, ids: Sequence[int], hidden: np.ndarray, cell: np.ndarray) -> dict[str, Any]:
         """Gates per token and layer (f, i, o, C̃, C) for the words just consumed."""
         gates = self.runner.explain(ids, hidden[:, None, :], cell[:, None, :])
         return {
@@ -293,7 +330,7 @@ class SessionManager:
             },
         }
 
-    async def fork(self, session_id: str, owner: str) -> dict[str, Any]:
+    async def fork(self, session_id: str, owner: str) -> Reply:
         record = await self._load(session_id, owner)
         hidden, cell = self._state(record)
         now = time.time()
@@ -309,9 +346,9 @@ class SessionManager:
         output = await self.scheduler.submit([], hidden, cell, 5)
         await self._timed("create", self.store.create(child))
         self.metrics.sessions_created.inc()
-        return self._response(child, self.predictions(output))
+        return Reply.of(self._response(child, self.predictions(output)))
 
-    async def rewind(self, session_id: str, to_step: int, k: int, if_step: int | None, owner: str) -> dict[str, Any]:
+    async def rewind(self, session_id: str, to_step: int, k: int, if_step: int | None, owner: str) -> Reply:
         """Restore the state the session had after to_step tokens (exact: stored or recomputed)."""
         fingerprint = self.fingerprint("rewind", if_step, str(to_step))
         async with self._ordered(session_id):
@@ -335,16 +372,16 @@ class SessionManager:
                 state = base.state if not replay_tokens else encode_state(output.hidden, output.cell)
                 kept = (*[s for s in history if s.step < to_step], Snapshot(to_step, state))
                 draft = record.evolve(step=to_step, state=state, last_used_at=time.time())
-                response = self._response(draft, self.predictions(output))
+                reply = Reply.of(self._response(draft, self.predictions(output)))
                 updated = replace(
                     draft,
                     history=kept,
                     history_tokens=record.history_tokens[: to_step - history[0].step],
                     last_request=fingerprint,
-                    last_response=json.dumps(response).encode(),
+                    last_response=reply.body,
                 )
                 if await self._write(updated, record.revision):
-                    return response
+                    return reply
             raise StepConflict(record.step, "the session kept changing under this request; retry")
 
     async def generate(
@@ -353,7 +390,7 @@ class SessionManager:
         options: GenerateOptions,
         owner: str,
         on_word: Callable[[str, int], Awaitable[None]] | None = None,
-    ) -> dict[str, Any]:
+    ) -> Reply:
         """Sample words from the session's state, advancing it through them (committed at the end)."""
         rng = np.random.default_rng(options.seed)
         banned = [self.vocab.pad_id, self.vocab.unk_id]
@@ -383,4 +420,4 @@ class SessionManager:
             if not await self._write(updated, record.revision):
                 raise StepConflict(record.step, "the session changed during generation; nothing was applied")
             self.metrics.tokens.labels("generated").inc(len(ids))
-            return {"session_id": session_id, "words": words, "text": detokenize(words), "step": step}
+            return Reply.of({"session_id": session_id, "words": words, "text": detokenize(words), "step": step})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -41,5 +43,10 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    registry = request.app.state.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    state = request.app.state
+    manager = getattr(state, "manager", None)
+    if manager is not None:
+        # Sampled at scrape time: the store is the one place that knows, and a scrape is cheap.
+        with contextlib.suppress(CellgateError):
+            state.metrics.active_sessions.set(await manager.store.count())
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.deps import Owner
+from service.deps import caller
 from service.schemas import ErrorResponse, ModelInfo
 
 router = APIRouter(tags=["model"])
 
 
 @router.get("/v1/model", response_model=ModelInfo, responses={401: {"model": ErrorResponse}})
-async def model_info(request: Request, _owner: Owner) -> ModelInfo:
+async def model_info(request: Request) -> ModelInfo:
+    caller(request)
     runner = request.app.state.runner
     manifest = runner.bundle.manifest
     return ModelInfo(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
-from service.deps import Manager, Owner, SettingsDep, check_k
+from service.deps import caller, json_reply
 from service.schemas import ErrorResponse, PredictRequest, PredictResponse
 
 router = APIRouter(tags=["predict"])
@@ -21,7 +21,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
-async def predict(body: PredictRequest, manager: Manager, settings: SettingsDep, _owner: Owner) -> dict[str, Any]:
+async def predict(body: PredictRequest, request: Request) -> Response:
     """Next-word suggestions for text, run from a zero state (no session)."""
-    check_k(body.k, settings)
-    return await manager.predict(body.text, body.k)
+    ctx = caller(request)
+    ctx.check_k(body.k)
+    return json_reply(await ctx.manager.predict(body.text, body.k))

@@ -8,10 +8,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Path, Response, status
+from fastapi import APIRouter, Path, Request, Response, status
 from fastapi.sse import EventSourceResponse, format_sse_event
 
-from service.deps import Manager, Owner, SettingsDep, check_k
+from service.deps import caller, json_reply
 from service.errors import CellgateError, ValidationFailed
 from service.routes.predict import ERRORS
 from service.schemas import (
@@ -40,51 +40,51 @@ SESSION_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=SessionResponse, responses=ERRORS)
-async def create_session(
-    body: CreateSessionRequest, manager: Manager, settings: SettingsDep, owner: Owner
-) -> dict[str, Any]:
+async def create_session(body: CreateSessionRequest, request: Request) -> Response:
     """A new session, optionally primed with text."""
-    check_k(body.k, settings)
-    return await manager.create(body.text, body.k, owner)
+    ctx = caller(request)
+    ctx.check_k(body.k)
+    return json_reply(await ctx.manager.create(body.text, body.k, ctx.owner), status.HTTP_201_CREATED)
 
 
 @router.get("/{session_id}", response_model=SessionInfo, responses=SESSION_ERRORS)
-async def get_session(manager: Manager, owner: Owner, session_id: str = SessionId) -> dict[str, Any]:
-    return await manager.info(session_id, owner)
+async def get_session(request: Request, session_id: str = SessionId) -> dict[str, Any]:
+    ctx = caller(request)
+    return await ctx.manager.info(session_id, ctx.owner)
 
 
 @router.delete(
     "/{session_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response, responses=SESSION_ERRORS
 )
-async def delete_session(manager: Manager, owner: Owner, session_id: str = SessionId) -> Response:
-    await manager.delete(session_id, owner)
+async def delete_session(request: Request, session_id: str = SessionId) -> Response:
+    ctx = caller(request)
+    await ctx.manager.delete(session_id, ctx.owner)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{session_id}/steps", response_model=SessionResponse, responses=SESSION_ERRORS)
-async def step(
-    body: StepRequest, manager: Manager, settings: SettingsDep, owner: Owner, session_id: str = SessionId
-) -> dict[str, Any]:
+async def step(body: StepRequest, request: Request, session_id: str = SessionId) -> Response:
     """Advance the session's (h, C) through the words of text; exactly once per if_step."""
-    check_k(body.k, settings)
-    return await manager.step(session_id, body.text, body.k, body.if_step, owner, explain=body.explain)
+    ctx = caller(request)
+    ctx.check_k(body.k)
+    return json_reply(await ctx.manager.step(session_id, body.text, body.k, body.if_step, ctx.owner, body.explain))
 
 
 @router.post(
     "/{session_id}/fork", status_code=status.HTTP_201_CREATED, response_model=SessionResponse, responses=SESSION_ERRORS
 )
-async def fork(manager: Manager, owner: Owner, session_id: str = SessionId) -> dict[str, Any]:
+async def fork(request: Request, session_id: str = SessionId) -> Response:
     """A new session holding a copy of this one's state and step."""
-    return await manager.fork(session_id, owner)
+    ctx = caller(request)
+    return json_reply(await ctx.manager.fork(session_id, ctx.owner), status.HTTP_201_CREATED)
 
 
 @router.post("/{session_id}/rewind", response_model=SessionResponse, responses=SESSION_ERRORS)
-async def rewind(
-    body: RewindRequest, manager: Manager, settings: SettingsDep, owner: Owner, session_id: str = SessionId
-) -> dict[str, Any]:
+async def rewind(body: RewindRequest, request: Request, session_id: str = SessionId) -> Response:
     """Restore exactly the state the session had after to_step tokens (undo words)."""
-    check_k(body.k, settings)
-    return await manager.rewind(session_id, body.to_step, body.k, body.if_step, owner)
+    ctx = caller(request)
+    ctx.check_k(body.k)
+    return json_reply(await ctx.manager.rewind(session_id, body.to_step, body.k, body.if_step, ctx.owner))
 
 
 @router.post(
@@ -98,10 +98,10 @@ async def rewind(
         },
     },
 )
-async def generate(
-    body: GenerateRequest, manager: Manager, settings: SettingsDep, owner: Owner, session_id: str = SessionId
-) -> Any:
+async def generate(body: GenerateRequest, request: Request, session_id: str = SessionId) -> Any:
     """Sample words from the session's state; the session advances through them."""
+    ctx = caller(request)
+    manager, settings, owner = ctx.manager, ctx.settings, ctx.owner
     if body.max_words > settings.max_generate_words:
         raise ValidationFailed(
             f"max_words is {body.max_words}; the largest allowed is {settings.max_generate_words}",
@@ -110,7 +110,7 @@ async def generate(
         )
     options = GenerateOptions(body.max_words, body.temperature, body.top_k, body.top_p, body.seed)
     if not body.stream:
-        return await manager.generate(session_id, options, owner)
+        return json_reply(await manager.generate(session_id, options, owner))
     await manager.info(session_id, owner)  # a missing session is a plain 404, not an empty stream
     return EventSourceResponse(_event_stream(manager, session_id, options, owner))
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from service.deps import check_k, identify
+from service.deps import Caller, identify, presented_key
 from service.errors import CellgateError, SessionNotFound, ShuttingDown, ValidationFailed
 from service.schemas import RewindRequest, StepRequest
-from service.sessions import SessionManager
+from service.sessions import Reply, SessionManager
 
 router = APIRouter(tags=["sessions"])
 
@@ -30,10 +29,8 @@ async def stream(websocket: WebSocket, session_id: str) -> None:
     settings = app.state.settings
     manager: SessionManager = app.state.manager
     metrics = app.state.metrics
-    key = websocket.headers.get("x-api-key") or websocket.query_params.get("api_key")
-    auth = websocket.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        key = auth[7:].strip()
+    # Browsers cannot set headers on a WebSocket, hence the query parameter.
+    key = presented_key(websocket.headers, websocket.query_params.get("api_key"))
     await websocket.accept()
     try:
         owner = identify(key, settings)
@@ -50,9 +47,9 @@ async def stream(websocket: WebSocket, session_id: str) -> None:
             try:
                 if app.state.draining:
                     raise ShuttingDown()
-                reply = await _answer(raw, manager, settings, session_id, owner)
+                reply = await _answer(raw, Caller(manager, settings, owner), session_id)
                 metrics.websocket_messages.labels("ok").inc()
-                await websocket.send_json(reply)
+                await websocket.send_text(reply.body.decode())
             except CellgateError as exc:
                 metrics.websocket_messages.labels("error").inc()
                 metrics.errors.labels(exc.code).inc()
@@ -67,7 +64,7 @@ async def stream(websocket: WebSocket, session_id: str) -> None:
         metrics.websocket_connections.dec()
 
 
-async def _answer(raw: str, manager: SessionManager, settings: Any, session_id: str, owner: str) -> dict[str, Any]:
+async def _answer(raw: str, ctx: Caller, session_id: str) -> Reply:
     try:
         message = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -77,12 +74,12 @@ async def _answer(raw: str, manager: SessionManager, settings: Any, session_id: 
     try:
         if "rewind_to" in message:
             rewind = RewindRequest(to_step=message["rewind_to"], k=message.get("k", 5), if_step=message.get("if_step"))
-            check_k(rewind.k, settings)
-            result = await manager.rewind(session_id, rewind.to_step, rewind.k, rewind.if_step, owner)
+            ctx.check_k(rewind.k)
+            result = await ctx.manager.rewind(session_id, rewind.to_step, rewind.k, rewind.if_step, ctx.owner)
         else:
             step = StepRequest.model_validate(message)
-            check_k(step.k, settings)
-            result = await manager.step(session_id, step.text, step.k, step.if_step, owner, explain=step.explain)
+            ctx.check_k(step.k)
+            result = await ctx.manager.step(session_id, step.text, step.k, step.if_step, ctx.owner, step.explain)
     except ValidationError as exc:
         raise ValidationFailed(_validation_message(exc)) from None
     return result

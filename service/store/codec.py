@@ -55,7 +55,19 @@ def record_to_fields(record: SessionRecord) -> dict[str, bytes]:
     }
 
 
+class RecordFormatError(ValueError):
+    """Stored fields that do not decode to a SessionRecord (missing, truncated or foreign)."""
+
+
 def record_from_fields(fields: dict[bytes, bytes]) -> SessionRecord:
+    """The record from record_to_fields' hash; raises RecordFormatError if the fields are not one."""
+    try:
+        return _record_from_fields(fields)
+    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+        raise RecordFormatError(f"unreadable session record: {exc!r}") from exc
+
+
+def _record_from_fields(fields: dict[bytes, bytes]) -> SessionRecord:
     def text(name: str) -> str:
         return fields[name.encode()].decode()
 

@@ -1,0 +1,48 @@
+"""The two models every serving figure is taken on: the demo model and a realistic 2×256, 10k-word one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+DEMO_RUN = Path("runs/demo")
+DEMO_BUNDLE = Path("bundles/demo")
+REALISTIC_RUN = Path("runs/realistic")
+REALISTIC_BUNDLE = Path("bundles/realistic")
+
+
+def ensure_realistic(run: Path = REALISTIC_RUN, bundle: Path = REALISTIC_BUNDLE, corpus: Path = WIKITEXT) -> Path:
+    """Train briefly (its quality does not matter, its size does) and export, unless already there."""
+    if (bundle / "manifest.json").exists():
+        return bundle
+    from export.build import export_checkpoint
+    from model.train import TrainConfig, train
+
+    if not (run / "best.pt").exists():
+        if not corpus.exists():
+            raise FileNotFoundError(f"{corpus} is missing: pass another text with --corpus")
+        cfg = TrainConfig(
+            corpus=str(corpus),
+            out=str(run),
+            split="whitespace",
+            lowercase=False,
+            max_vocab=10_000,
+            hidden_size=256,
+            embed_size=256,
+            num_layers=2,
+            optimizer="adamw",
+            lr=3e-3,
+            clip=0.25,
+            epochs=1,
+            max_minutes=1.0,
+            progress=False,
+        )
+        train(cfg)
+    export_checkpoint(run, bundle, force=True)
+    return bundle
+
+
+def ensure_demo() -> Path:
+    if not (DEMO_BUNDLE / "manifest.json").exists():
+        raise FileNotFoundError("bundles/demo is missing: run `make demo` first")
+    return DEMO_BUNDLE

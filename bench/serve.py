@@ -1,0 +1,267 @@
+"""Serving benchmark: cellgate vs the framework floor vs a naive PyTorch server, on loopback.
+
+    python -m bench.serve [--short] [--out bench/results/serve.json]   (also: cellgate bench serve)
+
+For each model (the demo model and a realistic 2×256, 10k-word one) it starts each server as a
+subprocess, drives it with wrk (a compiled load generator) for a bounded time with N concurrent
+sessions, then stops everything. It reports req/s, p50/p95/p99 latency, the batch-size
+distribution, WebSocket words/s, RSS per idle session, and the load generator's own CPU share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.models import DEMO_RUN, REALISTIC_RUN, ensure_demo, ensure_realistic
+from bench.procs import ServerProcess, cpu_seconds, rss_bytes, start_process
+
+STEP_BODY = '{"text": "the", "k": 5}'
+
+LUA = """
+local ids = {%(ids)s}
+local counter = 0
+local body = '%(body)s'
+local headers = {["Content-Type"] = "application/json"}
+request = function()
+  counter = counter + 1
+  return wrk.format("POST", "/v1/sessions/" .. ids[(counter %% #ids) + 1] .. "/steps", headers, body)
+end
+%(delay)s
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests": %%d, "duration_us": %%d, "socket_errors": %%d, "non_2xx": %%d, ' ..
+    '"p50_ms": %%.3f, "p95_ms": %%.3f, "p99_ms": %%.3f, "mean_ms": %%.3f}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50) / 1000, latency:percentile(95) / 1000, latency:percentile(99) / 1000, latency.mean / 1000))
+end
+"""
+
+
+def _wrk(url: str, ids: list[str], connections: int, seconds: float, delay_ms: float | None = None) -> dict[str, Any]:
+    """One wrk run; returns its summary plus the load generator's CPU seconds."""
+    delay = f"delay = function() return {delay_ms:.3f} end" if delay_ms else ""
+    script = LUA % {"ids": ",".join(f'"{i}"' for i in ids), "body": STEP_BODY, "delay": delay}
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
+        fh.write(script)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            "1",
+            "-c",
+            str(connections),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            fh.name,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    Path(fh.name).unlink()
+    result: dict[str, Any] = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
+    result["seconds"] = result["duration_us"] / 1e6
+    result["req_per_second"] = result["requests"] / result["seconds"]
+    result["loadgen_cpu_cores"] = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / result[
+        "seconds"
+    ]
+    return result
+
+
+def _sessions(url: str, count: int, text: str = "i stay in india .") -> list[str]:
+    async def make() -> list[str]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            sem = asyncio.Semaphore(32)
+
+            async def one() -> str:
+                async with sem:
+                    response = await client.post("/v1/sessions", json={"text": text})
+                    response.raise_for_status()
+                    sid: str = response.json()["session_id"]
+                    return sid
+
+            return list(await asyncio.gather(*(one() for _ in range(count))))
+
+    return asyncio.run(make())
+
+
+def _batch_histogram(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    buckets: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("cellgate_batch_size_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets[le] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def _distribution(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """Per-bucket counts of ONNX Runtime calls by batch size ("<=N")."""
+    cumulative = {le: after[le] - before.get(le, 0.0) for le in after}
+    out: dict[str, int] = {}
+    previous = 0.0
+    for le in sorted(cumulative, key=lambda x: float("inf") if x == "+Inf" else float(x)):
+        out[f"<={le}"] = int(cumulative[le] - previous)
+        previous = cumulative[le]
+    return {k: v for k, v in out.items() if v}
+
+
+def _measure_http(server: ServerProcess, sessions: int, seconds: float, batching: bool) -> dict[str, Any]:
+    ids = _sessions(server.url, sessions)
+    _wrk(server.url, ids, sessions, min(2.0, seconds))  # warm-up
+    hist = _batch_histogram(server.url) if batching else {}
+    cpu0 = cpu_seconds(server.pid)
+    result = _wrk(server.url, ids, sessions, seconds)
+    result["server_cpu_cores"] = (cpu_seconds(server.pid) - cpu0) / result["seconds"]
+    if batching:
+        result["batch_sizes"] = _distribution(hist, _batch_histogram(server.url))
+    return result
+
+
+def _cellgate(bundle: Path, extra_env: dict[str, str] | None = None) -> ServerProcess:
+    env = {"CELLGATE_BUNDLE": str(bundle), "CELLGATE_PORT": "0", "CELLGATE_MAX_SESSIONS": "200000", **(extra_env or {})}
+    return start_process([sys.executable, "-m", "cellgate.cli", "serve"], env)
+
+
+def _uvicorn(app: str, env: dict[str, str] | None = None) -> ServerProcess:
+    command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", "0", "--no-access-log"]
+    return start_process(command, env)
+
+
+def bench_model(name: str, bundle: Path, checkpoint: Path, sessions: int, seconds: float, idle: int) -> dict[str, Any]:
+    report: dict[str, Any] = {"model": name, "bundle": str(bundle), "sessions": sessions}
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    report["config"] = {k: manifest["config"][k] for k in ("vocab_size", "hidden_size", "num_layers")}
+
+    server = _cellgate(bundle)
+    try:
+        report["cellgate_http"] = _measure_http(server, sessions, seconds, batching=True)
+        peak = report["cellgate_http"]["req_per_second"]
+        # Half of the maximum throughput, paced by wrk's per-connection delay.
+        connections = min(64, sessions)
+        ids = _sessions(server.url, connections)
+        half = _wrk(server.url, ids, connections, seconds, delay_ms=1000 * connections / (peak / 2))
+        report["cellgate_http_half_load"] = half
+        ws = subprocess.run(
+            [sys.executable, "-m", "bench.ws_load", "--url", server.url, "--sessions", str(sessions), "--seconds", str(seconds)],
+            capture_output=True, text=True, timeout=seconds + 180, check=True,
+        )  # fmt: skip
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        report["cellgate_websocket"] = json.loads(ws.stdout.strip().splitlines()[-1])
+        report["cellgate_websocket"]["loadgen_cpu_seconds_total"] = usage.ru_utime + usage.ru_stime
+    finally:
+        server.stop()
+
+    server = _uvicorn("bench.floor_app:app")
+    try:
+        report["floor_http"] = _measure_http(server, sessions, seconds, batching=False)
+    finally:
+        server.stop()
+
+    if checkpoint.exists():
+        server = _uvicorn("bench.naive_app:app", {"NAIVE_CHECKPOINT": str(checkpoint)})
+        try:
+            report["naive_http"] = _measure_http(server, sessions, seconds, batching=False)
+        finally:
+            server.stop()
+
+    server = _cellgate(bundle)
+    try:
+        base = rss_bytes(server.pid)
+        _sessions(server.url, idle, text="the")
+        grown = rss_bytes(server.pid)
+        report["idle_sessions"] = {
+            "sessions": idle,
+            "rss_before_bytes": base,
+            "rss_after_bytes": grown,
+            "bytes_per_session": (grown - base) / idle,
+            "state_bytes": 2 * report["config"]["num_layers"] * report["config"]["hidden_size"] * 4,
+        }
+    finally:
+        server.stop()
+
+    http = report["cellgate_http"]["req_per_second"]
+    report["ratios"] = {
+        "vs_floor": http / report["floor_http"]["req_per_second"],
+        "vs_naive": http / report["naive_http"]["req_per_second"] if "naive_http" in report else None,
+    }
+    return report
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    rows = [
+        "| model | cellgate req/s | floor req/s | naive req/s | vs floor | vs naive | p50 / p95 / p99 ms (max load) "
+        "| p99 ms at half load | WS words/s | bytes / idle session | wrk CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        h = r["cellgate_http"]
+        naive = r.get("naive_http", {}).get("req_per_second", float("nan"))
+        vs_naive = r["ratios"]["vs_naive"] or float("nan")
+        rows.append(
+            f"| {r['model']} ({r['config']['num_layers']}×{r['config']['hidden_size']}, {r['config']['vocab_size']} words) "
+            f"| {h['req_per_second']:.0f} | {r['floor_http']['req_per_second']:.0f} | {naive:.0f} "
+            f"| {r['ratios']['vs_floor']:.0%} | {vs_naive:.1f}× "
+            f"| {h['p50_ms']:.1f} / {h['p95_ms']:.1f} / {h['p99_ms']:.1f} "
+            f"| {r['cellgate_http_half_load']['p99_ms']:.1f} ({r['cellgate_http_half_load']['req_per_second']:.0f} req/s) "
+            f"| {r['cellgate_websocket']['words_per_second']:.0f} | {r['idle_sessions']['bytes_per_session']:.0f} "
+            f"| {h['loadgen_cpu_cores']:.2f} cores |"
+        )
+    batches = [f"- {r['model']}: batch sizes at max load {r['cellgate_http'].get('batch_sizes')}" for r in results]
+    return "\n".join(rows + [""] + batches) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cellgate bench serve", description=__doc__)
+    parser.add_argument("--short", action="store_true", help="demo model only, short runs (< 60 s)")
+    parser.add_argument("--sessions", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--idle-sessions", type=int, default=100_000)
+    parser.add_argument("--models", default="demo,realistic")
+    parser.add_argument("--out", default="bench/results/serve.json")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is needed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    models = ["demo"] if args.short else args.models.split(",")
+    seconds = 3.0 if args.short else args.seconds
+    idle = 5_000 if args.short else args.idle_sessions
+    started = time.perf_counter()
+    results = []
+    for name in models:
+        bundle, checkpoint = (ensure_demo(), DEMO_RUN) if name == "demo" else (ensure_realistic(), REALISTIC_RUN)
+        results.append(bench_model(name, bundle, checkpoint, args.sessions, seconds, idle))
+    table = markdown(results)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count()}
+    payload = {"results": results, "machine": machine, "wall_seconds": time.perf_counter() - started}
+    out.write_text(json.dumps(payload, indent=2))
+    out.with_suffix(".md").write_text(table)
+    print(f"wrote {out} and {out.with_suffix('.md')} in {payload['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
