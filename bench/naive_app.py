@@ -37,7 +37,8 @@ def _advance(text: str, state: LSTMState | None, k: int) -> tuple[LSTMState, lis
         probs = last.softmax(-1)
         probs[[0, 1]] = 0
         top = probs.topk(k)
-    return state, [{"word": _vocab.words[i], "prob": float(p)} for p, i in zip(top.values, top.indices)], len(ids)
+    words = [{"word": _vocab.words[i], "prob": float(p)} for p, i in zip(top.values, top.indices, strict=True)]
+    return state, words, len(ids)
 
 
 @app.post("/v1/sessions", status_code=201, response_model=SessionResponse)

@@ -162,10 +162,10 @@ def bench_model(name: str, bundle: Path, checkpoint: Path, sessions: int, second
         ids = _sessions(server.url, connections)
         half = _wrk(server.url, ids, connections, seconds, delay_ms=1000 * connections / (peak / 2))
         report["cellgate_http_half_load"] = half
+        command = [sys.executable, "-m", "bench.ws_load", "--url", server.url, "--sessions", str(sessions)]
         ws = subprocess.run(
-            [sys.executable, "-m", "bench.ws_load", "--url", server.url, "--sessions", str(sessions), "--seconds", str(seconds)],
-            capture_output=True, text=True, timeout=seconds + 180, check=True,
-        )  # fmt: skip
+            [*command, "--seconds", str(seconds)], capture_output=True, text=True, timeout=seconds + 180, check=True
+        )
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         report["cellgate_websocket"] = json.loads(ws.stdout.strip().splitlines()[-1])
         report["cellgate_websocket"]["loadgen_cpu_seconds_total"] = usage.ru_utime + usage.ru_stime
@@ -218,17 +218,19 @@ def markdown(results: list[dict[str, Any]]) -> str:
         h = r["cellgate_http"]
         naive = r.get("naive_http", {}).get("req_per_second", float("nan"))
         vs_naive = r["ratios"]["vs_naive"] or float("nan")
+        cfg = r["config"]
+        half = r["cellgate_http_half_load"]
         rows.append(
-            f"| {r['model']} ({r['config']['num_layers']}×{r['config']['hidden_size']}, {r['config']['vocab_size']} words) "
+            f"| {r['model']} ({cfg['num_layers']}×{cfg['hidden_size']}, {cfg['vocab_size']} words) "
             f"| {h['req_per_second']:.0f} | {r['floor_http']['req_per_second']:.0f} | {naive:.0f} "
             f"| {r['ratios']['vs_floor']:.0%} | {vs_naive:.1f}× "
             f"| {h['p50_ms']:.1f} / {h['p95_ms']:.1f} / {h['p99_ms']:.1f} "
-            f"| {r['cellgate_http_half_load']['p99_ms']:.1f} ({r['cellgate_http_half_load']['req_per_second']:.0f} req/s) "
+            f"| {half['p99_ms']:.1f} ({half['req_per_second']:.0f} req/s) "
             f"| {r['cellgate_websocket']['words_per_second']:.0f} | {r['idle_sessions']['bytes_per_session']:.0f} "
             f"| {h['loadgen_cpu_cores']:.2f} cores |"
         )
     batches = [f"- {r['model']}: batch sizes at max load {r['cellgate_http'].get('batch_sizes')}" for r in results]
-    return "\n".join(rows + [""] + batches) + "\n"
+    return "\n".join([*rows, "", *batches]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

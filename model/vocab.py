@@ -42,7 +42,8 @@ def tokenize(text: str, lowercase: bool = True, split: str = "words") -> list[st
     """Split text into word tokens by the rules in this module's docstring."""
     if split not in SPLIT_MODES:
         raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
-    text = unicodedata.normalize("NFKC", text)
+    if not text.isascii():  # ASCII is already NFKC-normal; skip the costly pass for the common case
+        text = unicodedata.normalize("NFKC", text)
     if lowercase:
         text = text.lower()
     tokens: list[str] = []
