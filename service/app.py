@@ -22,6 +22,7 @@ from service.metrics import Metrics
 from service.middleware import ServiceMiddleware
 from service.ratelimit import TokenBucketLimiter
 from service.routes import health, model, predict, sessions, stream
+from service.routes.fast import STEP_TEMPLATE, FastSteps
 from service.runner import Runner
 from service.scheduler import Scheduler
 from service.sessions import SessionManager
@@ -146,6 +147,8 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
 
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="demo")
 
+    step_route = next(r for r in sessions.router.routes if getattr(r, "path", None) == STEP_TEMPLATE)
+    app.add_middleware(FastSteps, state=app.state, route=step_route)  # innermost: just before the router
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

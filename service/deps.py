@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request, Response
 
@@ -31,14 +33,12 @@ class Caller:
             )
 
 
-def presented_key(headers: object, query_key: str | None = None) -> str | None:
+def presented_key(headers: Mapping[str, str], query_key: str | None = None) -> str | None:
     """The API key from `Authorization: Bearer`, `X-API-Key`, or (WebSocket only) a query parameter."""
-    get = headers.get  # type: ignore[attr-defined]
-    auth: str = get("authorization", "")
+    auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
-    key: str | None = get("x-api-key")
-    return key or query_key
+    return headers.get("x-api-key") or query_key
 
 
 def identify(key: str | None, settings: Settings) -> str:
@@ -57,9 +57,13 @@ def identify(key: str | None, settings: Settings) -> str:
 
 def caller(request: Request) -> Caller:
     """Authenticate and rate-limit the request; raises Unauthorized or RateLimited."""
-    state = request.app.state
+    return caller_for(request.app.state, request.headers)
+
+
+def caller_for(state: Any, headers: Mapping[str, str]) -> Caller:
+    """`caller` for code that has the app state and the headers but no Request (the raw hot path)."""
     settings: Settings = state.settings
-    owner = identify(presented_key(request.headers), settings) if settings.api_keys else ""
+    owner = identify(presented_key(headers), settings) if settings.api_keys else ""
     limiter = state.rate_limiter
     if limiter is not None and not limiter.allow(owner):
         raise RateLimited("too many requests for this key", headers={"Retry-After": "1"})

@@ -19,20 +19,19 @@ access_log = logging.getLogger("cellgate.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def send_error(send: Send, error: CellgateError, request_id: str) -> None:
-    body = json.dumps(error.body()).encode()
+async def send_json(send: Send, status: int, body: bytes, extra_headers: dict[str, str] | None = None) -> None:
+    """A complete JSON response on a raw ASGI send (the request id header is added by the middleware)."""
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", request_id.encode()),
-        *[(k.lower().encode(), v.encode()) for k, v in error.headers.items()],
+        *[(k.lower().encode(), v.encode()) for k, v in (extra_headers or {}).items()],
     ]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, error: CellgateError) -> None:
+    await send_json(send, error.status, json.dumps(error.body()).encode(), error.headers)
 
 
 class ServiceMiddleware:
@@ -63,33 +62,25 @@ class ServiceMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
-        received = 0
-
-        async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise _BodyTooLarge
-            return message
-
         self.metrics.in_flight.inc()
         try:
             length = headers.get(b"content-length")
             if self.draining() and scope["path"] not in ("/healthz", "/metrics"):
-                await send_error(send_wrapper, ShuttingDown(), request_id)
+                await send_error(send_wrapper, ShuttingDown())
             elif length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
                 # Refused from the header alone: the body is never read.
-                await send_error(send_wrapper, _too_large(self.max_body_bytes), request_id)
+                await send_error(send_wrapper, _too_large(self.max_body_bytes))
             elif length is not None:
                 # The server never hands the app more than Content-Length bytes: no need to count.
                 await self.app(scope, receive, send_wrapper)
             else:
-                try:
-                    await self.app(scope, receive_limited, send_wrapper)
-                except _BodyTooLarge:
-                    await send_error(send_wrapper, _too_large(self.max_body_bytes), request_id)
+                # No Content-Length (chunked): read at most the limit before the app runs. Raising from
+                # receive() instead does not work: FastAPI turns any error while reading a body into a 400.
+                body = await _read_body(receive, self.max_body_bytes)
+                if body is None:
+                    await send_error(send_wrapper, _too_large(self.max_body_bytes))
+                else:
+                    await self.app(scope, _replay(body, receive), send_wrapper)
         finally:
             self.metrics.in_flight.dec()
             route = scope.get("route")
@@ -118,6 +109,32 @@ class ServiceMiddleware:
                         "client": (scope.get("client") or ("", 0))[0],
                     },
                 )
+
+
+async def _read_body(receive: Receive, limit: int) -> list[Message] | None:
+    """The messages of a body sent without Content-Length, or None as soon as it passes limit bytes."""
+    messages: list[Message] = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages
+        size += len(message.get("body", b""))
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            return messages
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """The buffered messages first, then the live channel (where the app listens for a disconnect)."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
