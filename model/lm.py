@@ -46,9 +46,7 @@ class LSTMLanguageModel(nn.Module):
         self.recurrent_dropout = recurrent_dropout  # training-time regulariser, not part of the model
         self.embedding = nn.Embedding(config.vocab_size, config.embed_size)
         sizes = [config.embed_size] + [config.hidden_size] * config.num_layers
-        self.layers: nn.ModuleList = nn.ModuleList(
-            LSTMLayer(sizes[i], sizes[i + 1]) for i in range(config.num_layers)
-        )
+        self.layers: nn.ModuleList = nn.ModuleList(LSTMLayer(sizes[i], sizes[i + 1]) for i in range(config.num_layers))
         if config.tie_weights:
             self.decoder_weight = self.embedding.weight
         else:

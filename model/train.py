@@ -9,6 +9,7 @@ Two data modes:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import random
@@ -28,7 +29,8 @@ from model.config import LSTMConfig
 from model.corpus import LONGRANGE, load_corpus, longrange_text
 from model.data import batchify, encode_lines, encode_stream, line_batches, stream_windows
 from model.evaluate import LanguageModel, detach_state, evaluate_batches, evaluate_stream, long_range_accuracy
-from model.lm import LSTMLanguageModel
+from model.lm import LSTMLanguageModel, LSTMState
+from model.softmax import SampledSoftmax
 from model.vocab import Vocabulary, tokenize
 
 # Builds the network from its shape; train() defaults to the gated LSTM, an experiment may swap it.
@@ -66,8 +68,17 @@ class TrainConfig:
     lr: float = 20.0
     weight_decay: float = 0.0
     clip: float = 0.25
-    schedule: str = "plateau"  # "plateau" (divide by anneal on no improvement), "cosine", "none"
+    # "plateau" (divide by anneal on no improvement), "cosine" (per epoch over `epochs`), "none", or
+    # "budget": per-batch warm-up then cosine decay to zero over max_minutes (over `epochs` without it).
+    schedule: str = "plateau"
     anneal: float = 4.0
+    warmup: float = 0.0  # "budget" only: the fraction of the budget spent warming up linearly
+    # "bf16": the decoder's matmuls run under bfloat16 autocast in training; "bf16-all": the recurrence too
+    precision: str = "fp32"
+    softmax: str = "full"  # "sampled": the stream-mode training loss scores `samples` shared negatives
+    samples: int = 1024
+    activation_reg: float = 0.0  # AR: weight of the mean squared top-layer output
+    temporal_reg: float = 0.0  # TAR: weight of the mean squared step-to-step change of that output
     batch_size: int = 20
     bptt: int = 35
     epochs: int = 40
@@ -151,7 +162,9 @@ class _Data:
             self.train_lines = encode_lines(vocab, train_text)
         elif cfg.mode == "stream":
             self.valid_ids = encode_stream(vocab, valid_text)
-            self.train_streams = batchify(encode_stream(vocab, train_text), cfg.batch_size)
+            train_ids = encode_stream(vocab, train_text)
+            self.train_counts = torch.bincount(train_ids, minlength=len(vocab))  # (V,), the sampled softmax's q
+            self.train_streams = batchify(train_ids, cfg.batch_size)
         else:
             raise ValueError(f"mode must be 'stream' or 'lines', got {cfg.mode!r}")
 
@@ -190,6 +203,29 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
 
 
+def budget_lr(cfg: TrainConfig, progress: float) -> float:
+    """The "budget" schedule at `progress` in [0, 1]: linear warm-up, then cosine decay to zero."""
+    if progress < cfg.warmup:
+        return cfg.lr * max(progress / cfg.warmup, 0.01)
+    decay = min(1.0, (progress - cfg.warmup) / max(1.0 - cfg.warmup, 1e-9))
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * decay))
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse instead of handing big blocks back to the OS each step.
+
+    A step allocates tensors of batch·bptt·V floats (36 MB for WikiText-2), above glibc's mmap
+    threshold: each is a fresh mapping whose pages fault in again, a quarter of a CPU step.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 def mastered(long_range: dict[str, dict[str, float]], gap_max: int, threshold: float) -> bool:
     """Whether every probe bucket starting below gap_max (at least the first) reaches threshold."""
     below = [v["accuracy"] for k, v in long_range.items() if int(k.split("-")[0]) < max(gap_max, 1)]
@@ -207,6 +243,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     previous = load_checkpoint(out / LAST) if resume else None
     seed_everything(cfg.seed)
     data = _Data(cfg, previous.vocab if previous else None)
@@ -217,6 +254,15 @@ def train(
         model = model_factory(model_config)
     lm = as_language_model(model)
     optimizer = _make_optimizer(cfg, model)
+    sampler = None
+    if cfg.softmax == "sampled":
+        if cfg.mode != "stream":
+            raise ValueError("the sampled softmax is for stream mode")
+        sampler = SampledSoftmax(data.train_counts, cfg.samples)
+    elif cfg.softmax != "full":
+        raise ValueError(f"softmax must be 'full' or 'sampled', got {cfg.softmax!r}")
+    if cfg.precision not in ("fp32", "bf16", "bf16-all"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'bf16-all', got {cfg.precision!r}")
     start_epoch = 1
     best_loss = math.inf
     best_metrics: dict[str, Any] = {}
@@ -269,6 +315,13 @@ def train(
     total_tokens = 0
     train_seconds = 0.0
     epoch = start_epoch - 1
+
+    def progress(epoch_fraction: float) -> float:
+        """How far through the budget training is, for the "budget" schedule."""
+        if cfg.max_minutes:
+            return (elapsed_before + time.monotonic() - started) / (cfg.max_minutes * 60)
+        return (epoch - 1 + epoch_fraction) / cfg.epochs
+
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             for group in optimizer.param_groups:
@@ -276,8 +329,11 @@ def train(
             gap_max = curriculum_gap if cfg.curriculum_mastery is not None else data.gap_max(epoch)
             batches = data.train_batches(epoch, rng, gap_max)
             epoch_started = time.monotonic()
-            stats = _train_epoch(model, optimizer, batches, cfg, data.vocab.pad_id, epoch, deadline)
+            schedule = progress if cfg.schedule == "budget" else None
+            stats = _train_epoch(model, optimizer, batches, cfg, data.vocab.pad_id, epoch, deadline, sampler, schedule)
             train_seconds += time.monotonic() - epoch_started
+            if schedule is not None:
+                lr = optimizer.param_groups[0]["lr"]  # where the per-batch schedule got to
             total_tokens += stats["tokens"]
             valid = data.validate(lm)
             entry: dict[str, Any] = {
@@ -332,6 +388,53 @@ def train(
     )
 
 
+def _loss(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    state: Any,
+    cfg: TrainConfig,
+    ignore_index: int,
+    sampler: SampledSoftmax | None,
+) -> tuple[Tensor, Tensor, Any]:
+    """Training objective, its cross-entropy part and the carried state, for one batch.
+
+    The objective adds the activation penalties (AWD-LSTM's AR and TAR) to the cross-entropy of the
+    configured softmax; the carried (h, C) always leaves in fp32, whatever precision the window ran at.
+    """
+    low_precision = cfg.precision != "fp32"
+    if not isinstance(model, LSTMLanguageModel):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
+            logits, state = as_language_model(model)(inputs, state)  # (B, T, V)
+        if low_precision:
+            state = type(state)(*(s.float() for s in state))
+        loss = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index
+        )
+        return loss, loss, state
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16-all"):
+        outputs, state = model.hidden_states(inputs, state)  # (B, T, H)
+    state = LSTMState(state.hidden.float(), state.cell.float())
+    outputs = outputs.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
+        if sampler is not None:
+            flat = outputs.reshape(-1, outputs.shape[-1])  # (B*T, H)
+            loss = sampler.loss(flat, targets.reshape(-1), model.decoder_weight, model.decoder_bias)
+        else:
+            logits = model.decode(outputs)  # (B, T, V)
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index
+            )
+    objective = loss
+    if cfg.activation_reg > 0:
+        # AR: large top-layer activations are penalised, so no single unit carries a prediction alone.
+        objective = objective + cfg.activation_reg * outputs.pow(2).mean()
+    if cfg.temporal_reg > 0:
+        # TAR: the top layer's output should change slowly from one step to the next.
+        objective = objective + cfg.temporal_reg * (outputs[:, 1:] - outputs[:, :-1]).pow(2).mean()
+    return objective, loss, state
+
+
 def _train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -340,27 +443,30 @@ def _train_epoch(
     pad_id: int,
     epoch: int,
     deadline: float | None,
+    sampler: SampledSoftmax | None = None,
+    progress: Callable[[float], float] | None = None,
 ) -> dict[str, Any]:
     model.train()
     lm = as_language_model(model)
     lines = cfg.mode == "lines"
+    ignore_index = pad_id if lines else -100
     state = None if lines else lm.zero_state(cfg.batch_size)
     total_loss = 0.0
     total_tokens = 0
     started = time.monotonic()
     stopped_early = False
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not cfg.progress, leave=False)
-    for inputs, targets in bar:
+    for index, (inputs, targets) in enumerate(bar):
         if deadline is not None and time.monotonic() >= deadline:
             stopped_early = True
             break
+        if progress is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = budget_lr(cfg, progress(index / len(batches)))
         state = lm.zero_state(inputs.shape[0]) if lines else detach_state(state)
-        logits, state = lm(inputs, state)  # (B, T, V)
-        loss = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id if lines else -100
-        )
+        objective, loss, state = _loss(model, inputs, targets, state, cfg, ignore_index, sampler)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        objective.backward()  # type: ignore[no-untyped-call]
         if cfg.clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         optimizer.step()

@@ -1,0 +1,208 @@
+"""Tiny trainings: loss goes down, seeds reproduce, resume and Ctrl-C keep a checkpoint, eval prints JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from model.checkpoint import BEST, LAST, load_checkpoint
+from model.corpus import CorpusError, load_corpus, longrange_text
+from model.softmax import SampledSoftmax
+from model.train import TrainConfig, budget_lr, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated text (never the shared data): short long-range episodes, one per line."""
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(longrange_text(seed=3, episodes=200, gap_min=0, gap_max=12), encoding="utf-8")
+    return path
+
+
+def tiny_config(corpus: Path, out: Path, **overrides: Any) -> TrainConfig:
+    """A model small enough that an epoch takes a fraction of a second."""
+    cfg = TrainConfig(
+        corpus=str(corpus),
+        out=str(out),
+        embed_size=24,
+        hidden_size=24,
+        num_layers=2,
+        dropout=0.1,
+        optimizer="adamw",
+        lr=3e-2,
+        clip=1.0,
+        schedule="none",
+        batch_size=8,
+        bptt=16,
+        epochs=3,
+        patience=10,
+        seed=7,
+        threads=1,
+        progress=False,
+    )
+    return replace(cfg, **overrides)
+
+
+def read_log(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_loss_decreases(corpus: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(corpus, tmp_path, epochs=4))
+    losses = [entry["train_loss"] for entry in result.log]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0] * 0.8
+    assert result.log[-1]["valid"]["perplexity"] < result.log[0]["valid"]["perplexity"]
+    assert (tmp_path / BEST).exists()
+    assert (tmp_path / LAST).exists()
+
+
+@pytest.mark.parametrize(
+    "levers",
+    [
+        {"softmax": "sampled", "samples": 16},
+        {"precision": "bf16"},
+        {"precision": "bf16-all", "activation_reg": 2.0, "temporal_reg": 1.0},
+        {"schedule": "budget", "warmup": 0.2},
+        {"embed_dropout": 0.1, "recurrent_dropout": 0.2, "optimizer": "sgd", "lr": 5.0},
+    ],
+    ids=["sampled-softmax", "bf16", "bf16-all-ar-tar", "budget-schedule", "dropouts-sgd"],
+)
+def test_training_levers_still_learn(corpus: Path, tmp_path: Path, levers: dict[str, Any]) -> None:
+    result = train(tiny_config(corpus, tmp_path, **levers))
+    losses = [entry["train_loss"] for entry in result.log]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0]
+
+
+def test_same_seed_same_weights(corpus: Path, tmp_path: Path) -> None:
+    first = train(tiny_config(corpus, tmp_path / "a", epochs=2))
+    second = train(tiny_config(corpus, tmp_path / "b", epochs=2))
+    a = load_checkpoint(first.out / LAST).state_dict
+    b = load_checkpoint(second.out / LAST).state_dict
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    other = load_checkpoint(train(tiny_config(corpus, tmp_path / "c", epochs=2, seed=8)).out / LAST).state_dict
+    assert not all(torch.equal(a[name], other[name]) for name in a)
+
+
+def test_resume_continues_from_last(corpus: Path, tmp_path: Path) -> None:
+    straight = train(tiny_config(corpus, tmp_path / "straight", epochs=3))
+    out = tmp_path / "resumed"
+    train(tiny_config(corpus, out, epochs=2))
+    resumed = train(tiny_config(corpus, out, epochs=3), resume=True)
+    assert resumed.epochs_run == 1
+    assert [entry["epoch"] for entry in read_log(out)] == [1, 2, 3]
+    assert [entry["epoch"] for entry in resumed.log] == [1, 2, 3]
+    last = load_checkpoint(out / LAST)
+    assert last.epoch == 3
+    # Optimiser, RNG and schedule state travel in last.pt, so the split run matches the straight one.
+    reference = load_checkpoint(straight.out / LAST).state_dict
+    for name, tensor in last.state_dict.items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-6)
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(corpus: Path, tmp_path: Path) -> None:
+    def interrupt(entry: dict[str, Any]) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(corpus, tmp_path, epochs=5), on_epoch=interrupt)
+    last = load_checkpoint(tmp_path / LAST)
+    assert last.metrics.get("interrupted") is True
+    assert last.epoch == 1
+    assert last.resume_state is not None
+    resumed = train(tiny_config(corpus, tmp_path, epochs=2), resume=True)
+    assert [entry["epoch"] for entry in resumed.log] == [1, 2]
+
+
+def test_eval_command_prints_metrics(corpus: Path, tmp_path: Path) -> None:
+    train(tiny_config(corpus, tmp_path, epochs=1))
+    done = subprocess.run(
+        [sys.executable, "-m", "cellgate.cli", "eval", str(tmp_path / BEST), "--corpus", str(corpus)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout)
+    assert {"perplexity", "top1", "top5", "tokens", "vocab_size"} <= metrics.keys()
+    assert metrics["perplexity"] > 1.0
+    assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+    assert metrics["tokens"] > 0
+    assert metrics["vocab_size"] == len(load_checkpoint(tmp_path / BEST).vocab)
+
+
+def test_budget_schedule_warms_up_then_decays_to_zero(corpus: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(corpus, tmp_path, schedule="budget", lr=2.0, warmup=0.1)
+    assert budget_lr(cfg, 0.05) == pytest.approx(1.0)
+    assert budget_lr(cfg, 0.1) == pytest.approx(2.0)
+    assert budget_lr(cfg, 0.55) == pytest.approx(1.0)
+    assert budget_lr(cfg, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sampled_softmax_matches_full_softmax_with_every_word_sampled() -> None:
+    """With far more samples than words, the corrected sampled loss approaches the full cross-entropy."""
+    torch.manual_seed(0)
+    vocab, hidden, n = 6, 4, 5
+    sampler = SampledSoftmax(torch.tensor([0, 5, 4, 3, 2, 1]), samples=20000)
+    outputs, weight, bias = torch.randn(n, hidden), torch.randn(vocab, hidden), torch.randn(vocab)
+    targets = torch.tensor([1, 2, 3, 4, 5])
+    full = torch.nn.functional.cross_entropy(outputs @ weight.t() + bias, targets)
+    assert sampler.loss(outputs, targets, weight, bias).item() == pytest.approx(full.item(), abs=0.05)
+
+
+class TestCorpusErrors:
+    def test_missing(self, tmp_path: Path) -> None:
+        with pytest.raises(CorpusError, match="does not exist"):
+            load_corpus(str(tmp_path / "nope.txt"))
+
+    def test_empty(self, tmp_path: Path) -> None:
+        path = tmp_path / "empty.txt"
+        path.write_text("  \n\n", encoding="utf-8")
+        with pytest.raises(CorpusError, match="empty"):
+            load_corpus(str(path))
+
+    def test_binary(self, tmp_path: Path) -> None:
+        path = tmp_path / "model.bin"
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+        with pytest.raises(CorpusError, match="binary"):
+            load_corpus(str(path))
+
+    def test_not_utf8(self, tmp_path: Path) -> None:
+        path = tmp_path / "latin1.txt"
+        path.write_bytes("café au lait\n".encode("latin-1"))
+        with pytest.raises(CorpusError, match="UTF-8"):
+            load_corpus(str(path))
+
+    def test_directory_without_txt(self, tmp_path: Path) -> None:
+        (tmp_path / "notes.md").write_text("# not a corpus\n", encoding="utf-8")
+        with pytest.raises(CorpusError, match=r"no \.txt"):
+            load_corpus(str(tmp_path))
+
+    def test_directory_of_txt_files(self, tmp_path: Path) -> None:
+        (tmp_path / "b.txt").write_text("second file\n", encoding="utf-8")
+        (tmp_path / "a.txt").write_text("first file\n", encoding="utf-8")
+        (tmp_path / "skip.md").write_text("not read\n", encoding="utf-8")
+        text = load_corpus(str(tmp_path))
+        assert text.index("first file") < text.index("second file")
+        assert "not read" not in text
+
+    def test_train_reports_a_bad_corpus(self, tmp_path: Path) -> None:
+        path = tmp_path / "bad.txt"
+        path.write_bytes(b"\xff\xfe\xfa broken\n")
+        with pytest.raises(CorpusError):
+            train(TrainConfig(corpus=str(path), out=str(tmp_path / "out"), progress=False))
