@@ -1,0 +1,1 @@
+"""Experiments that train models and report figures: `cellgate experiment NAME`."""
