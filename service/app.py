@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount, compile_path
+from starlette.types import Scope
 
 from export.bundle import load_bundle
 from service.config import Settings
@@ -49,6 +51,38 @@ def build_store(settings: Settings, metrics: Metrics) -> SessionStore:
 
         return RedisStore(settings, events)
     raise ValueError(f"CELLGATE_SESSION_STORE must be 'memory' or a redis:// URL, got {settings.session_store!r}")
+
+
+class DemoMount(Mount):
+    """The demo page at "/": GET and HEAD outside /v1/ only. A catch-all mount would answer every other
+    method on an API path itself (405 with `Allow: GET, HEAD`) instead of the route's own 405."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD") or scope["path"].startswith("/v1/"):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every documented method of the paths matching `path` (read from the OpenAPI schema, which is cached)."""
+    methods: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
+
+
+def _openapi_with_limits(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The generated schema with this deployment's limits as maxima, so that valid requests are accepted."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        limits = {"k": settings.max_k, "max_words": settings.max_generate_words}
+        for component in schema.get("components", {}).get("schemas", {}).values():
+            for name, limit in limits.items():
+                if name in component.get("properties", {}):
+                    component["properties"][name]["maximum"] = limit
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -129,7 +163,11 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
-        error = CellgateError(str(exc.detail), headers=dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405 and (allowed := _allowed_methods(app, request.url.path)):
+            # Starlette names the methods of the first route that matched the path; a path can have several.
+            headers["Allow"] = ", ".join(allowed)
+        error = CellgateError(str(exc.detail), headers=headers)
         error.code, error.status = codes.get(exc.status_code, "http_error"), exc.status_code
         return await render(request, error)
 
@@ -145,7 +183,8 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     if STATIC.is_dir() and (STATIC / "index.html").exists():
         from fastapi.staticfiles import StaticFiles
 
-        app.mount("/", StaticFiles(directory=STATIC, html=True), name="demo")
+        app.router.routes.append(DemoMount("/", app=StaticFiles(directory=STATIC, html=True), name="demo"))
+    app.openapi = lambda: _openapi_with_limits(app, settings)  # type: ignore[method-assign]
 
     step_route = next(r for r in sessions.router.routes if getattr(r, "path", None) == STEP_TEMPLATE)
     app.add_middleware(FastSteps, state=app.state, route=step_route)  # innermost: just before the router

@@ -18,7 +18,10 @@ def sample(
     scores[banned] = -np.inf
     if temperature <= 0:
         return int(np.argmax(scores))
-    scores /= temperature
+    # Shift before dividing: the best word stays at 0 however small the temperature (5e-324 made the max
+    # -inf, and exp(-inf - -inf) NaN); the others go to -inf, which is the greedy limit.
+    with np.errstate(over="ignore"):  # overflow to -inf is the intended result
+        scores = (scores - scores.max()) / temperature
     if 0 < top_k < scores.size:
         cutoff = np.partition(scores, -top_k)[-top_k]
         scores[scores < cutoff] = -np.inf

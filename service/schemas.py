@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import unicodedata
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 _ALLOWED_CONTROLS = {"\n", "\r", "\t"}
+# The same rule as _check_text, stated in the OpenAPI schema so that clients (and fuzzers) know it.
+# (Lone surrogates are refused too, but a pattern cannot name them: they are not Unicode scalar values.)
+TEXT_PATTERN = "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*$"
+
+
+def _json_number(value: object) -> object:
+    # pydantic's lax mode would read true as 1 and "5" as 5; JSON says neither is a number.
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_number)]
+JsonFloat = Annotated[float, BeforeValidator(_json_number)]
+# Bounds inside the type, before the validator, so that `X | None` keeps them in the JSON schema as minimum/maximum.
+StepNumber = Annotated[int, Field(ge=0), BeforeValidator(_json_number)]
+# 2**53: the largest integer every JSON reader (JavaScript, or a validator working in doubles) holds exactly.
+Seed = Annotated[int, Field(ge=0, le=2**53), BeforeValidator(_json_number)]
 
 
 def _check_text(value: str) -> str:
@@ -22,8 +40,11 @@ class Strict(BaseModel):
 
 
 class TextIn(Strict):
-    text: str = Field(description="Words to feed, tokenized by the model's rules (unknown words become <unk>).")
-    k: int = Field(5, ge=1, description="How many next-word suggestions to return (capped by CELLGATE_MAX_K).")
+    text: str = Field(
+        description="Words to feed, tokenized by the model's rules (unknown words become <unk>).",
+        json_schema_extra={"pattern": TEXT_PATTERN},
+    )
+    k: JsonInt = Field(5, ge=1, description="How many next-word suggestions to return (capped by CELLGATE_MAX_K).")
 
     @field_validator("text")
     @classmethod
@@ -36,29 +57,31 @@ class PredictRequest(TextIn):
 
 
 class CreateSessionRequest(TextIn):
-    text: str = Field("", description="Optional text to prime the session with.")
+    text: str = Field(
+        "", description="Optional text to prime the session with.", json_schema_extra={"pattern": TEXT_PATTERN}
+    )
 
 
 class StepRequest(TextIn):
-    if_step: int | None = Field(
-        None, ge=0, description="Apply only if the session is at this step (exactly-once retries)."
+    if_step: StepNumber | None = Field(
+        None, description="Apply only if the session is at this step (exactly-once retries)."
     )
-    explain: bool = Field(False, description="Also return gate activations per token and layer.")
+    explain: bool = Field(False, strict=True, description="Also return gate activations per token and layer.")
 
 
 class RewindRequest(Strict):
-    to_step: int = Field(ge=0, description="The step to go back to (tokens consumed).")
-    k: int = Field(5, ge=1)
-    if_step: int | None = Field(None, ge=0)
+    to_step: JsonInt = Field(ge=0, description="The step to go back to (tokens consumed).")
+    k: JsonInt = Field(5, ge=1)
+    if_step: StepNumber | None = None
 
 
 class GenerateRequest(Strict):
-    max_words: int = Field(20, ge=1, description="Words to generate (capped by CELLGATE_MAX_GENERATE_WORDS).")
-    temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 = greedy.")
-    top_k: int = Field(0, ge=0, description="Sample among the k most likely words (0 = all).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed and state, same words.")
-    stream: bool = Field(False, description="Stream words as Server-Sent Events.")
+    max_words: JsonInt = Field(20, ge=1, description="Words to generate (capped by CELLGATE_MAX_GENERATE_WORDS).")
+    temperature: JsonFloat = Field(1.0, ge=0.0, le=10.0, description="0 = greedy.")
+    top_k: JsonInt = Field(0, ge=0, description="Sample among the k most likely words (0 = all).")
+    top_p: JsonFloat = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: Seed | None = Field(None, description="Same seed and state, same words.")
+    stream: bool = Field(False, strict=True, description="Stream words as Server-Sent Events.")
 
 
 class Prediction(BaseModel):

@@ -12,6 +12,7 @@ from service.schemas import ErrorResponse, PredictRequest, PredictResponse
 router = APIRouter(tags=["predict"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body could not be read as UTF-8 JSON (bad_request)"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     413: {"model": ErrorResponse, "description": "Body or text too long (payload_too_large, input_too_long)"},
     422: {"model": ErrorResponse, "description": "Invalid body (validation_error)"},

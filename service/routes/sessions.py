@@ -29,6 +29,15 @@ from service.sessions import GenerateOptions
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 SessionId = Path(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$", description="The id returned at creation.")
+# One Server-Sent Event (OpenAPI 3.1 describes each event of a stream): `data` is JSON text.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["word", "done", "error"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["event", "data"],
+}
 SESSION_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     404: {"model": ErrorResponse, "description": "Unknown or expired session (session_not_found)"},
@@ -94,7 +103,7 @@ async def rewind(body: RewindRequest, request: Request, session_id: str = Sessio
         **SESSION_ERRORS,
         200: {
             "description": "JSON, or with stream=true an SSE stream: one `word` event per word, then `done`",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
         },
     },
 )
