@@ -10,13 +10,17 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format install install-dev demo bench bench-serve-short soak audit clean help
+.PHONY: run test lint format install install-dev demo bench bench-serve-short bench-export soak audit clean help test-deploy compose-up
 
 help:
 	@echo "make run    - install, train + export the demo model if needed, serve it on http://$(HOST):$(PORT)"
 	@echo "make test   - install test dependencies, lint, run the whole test suite"
 	@echo "make lint   - ruff + mypy"
 	@echo "make bench-serve-short - a <= 60 s serving benchmark"
+	@echo "make bench-export - ONNX Runtime vs PyTorch, graph forms, prefill, int8 (~30 s; docs/benchmarks.md)"
+	@echo "make soak   - 30 s overload + 5-minute soak, RSS growth < 10 % (not in CI)"
+	@echo "make audit  - pip-audit of the serve dependencies"
+	@echo "make test-deploy - only the deploy and observability checks (promtool, nginx, compose, k8s, Dockerfile)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,8 +63,32 @@ format: $(VENV)/.dev-installed
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The deploy/observability checks alone (they are part of `make test` too); needs prometheus, nginx-light,
+# redis-server and docker-compose from apt (.ci/run installs them).
+test-deploy: $(VENV)/.dev-installed
+	$(BIN)/pytest tests/deploy tests/service/test_metrics.py $(PYTEST_ARGS)
+
+# Where a Docker engine exists: build the images and start cellgate + Prometheus + Grafana (deploy/README.md).
+compose-up:
+	docker compose up -d --build
+
 bench-serve-short: $(VENV)/.dev-installed $(DEMO_BUNDLE)/manifest.json
 	$(BIN)/python -m bench.serve --short
+
+bench-export: $(VENV)/.dev-installed
+	$(BIN)/python -m bench.export_speed --out bench/results/export_speed.json
+
+# Not in CI: 30 s of overload at 2x capacity and a 5-minute soak on a Redis-backed replica; both check that
+# RSS grows < 10 % after warm-up (CELLGATE_SOAK_SECONDS shortens the soak). Needs redis-server.
+soak: $(VENV)/.dev-installed
+	CELLGATE_SOAK=1 $(BIN)/pytest tests/service/test_faults.py -k soak --timeout 900 \
+		-o log_cli=true --log-cli-level=INFO $(PYTEST_ARGS)
+
+# Known vulnerabilities in what `pip install .[serve]` resolves to today (there is no lock file: the
+# serving image installs the newest versions within pyproject's ranges). Needs network to PyPI.
+audit: $(VENV)/.dev-installed
+	$(BIN)/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["serve"]))' > $(VENV)/serve-requirements.txt
+	$(BIN)/pip-audit --strict --progress-spinner off -r $(VENV)/serve-requirements.txt
 
 clean:
 	rm -rf $(VENV) runs bundles .pytest_cache .mypy_cache .ruff_cache

@@ -9,7 +9,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cellgate.client import Client, StepResult
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -123,6 +126,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from cellgate.client import CellgateAPIError, Client
 
     try:
@@ -132,11 +137,104 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(asdict(result), indent=2))
     else:
-        for p in result["predictions"]:
-            print(f"{p['prob']:.4f}  {p['word']}")
+        for p in result.predictions:
+            print(f"{p.prob:.4f}  {p.word}")
     return 0
+
+
+CHAT_HELP = "each line you type is one step; /undo takes the last line back, /quit ends"
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from cellgate.client import CellgateAPIError, Client
+
+    def show(result: StepResult) -> None:
+        words = "  ".join(f"{p.word} ({p.prob:.3f})" for p in result.predictions)
+        print(f"step {result.step}: {words}", flush=True)
+
+    prompt = "> " if sys.stdin.isatty() else ""
+    try:
+        with Client(args.url, api_key=args.api_key) as client:
+            chat = _Chat(client, args.text, args.k)
+            print(f"session {chat.session.id}, model {client.model().version}: {CHAT_HELP}", file=sys.stderr)
+            show(chat.session.last)
+            try:
+                while (line := _read_line(prompt)) is not None:
+                    if line in ("/quit", "/exit"):
+                        break
+                    if line == "/undo":
+                        result = chat.undo()
+                        if result is None:
+                            print("nothing to undo", file=sys.stderr)
+                        else:
+                            show(result)
+                    elif line.startswith("/"):
+                        print(f"unknown command {line!r}: {CHAT_HELP}", file=sys.stderr)
+                    elif line:
+                        show(chat.feed(line))
+            finally:
+                chat.session.delete()
+    except CellgateAPIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _Chat:
+    """The chat loop's state: the session and the step before each line fed (what /undo rewinds to)."""
+
+    def __init__(self, client: Client, text: str, k: int) -> None:
+        self.client, self.text, self.k = client, text, k
+        self.session = client.session(text, k=k)
+        self.lines: list[str] = []
+        self.befores: list[int] = []
+
+    def feed(self, line: str) -> StepResult:
+        from cellgate.client import SessionNotFound
+
+        before = self.session.current_step
+        try:
+            result = self.session.step(line, k=self.k)
+        except SessionNotFound:
+            print("the session expired; replaying your lines into a new one", file=sys.stderr)
+            self.replay()
+            before = self.session.current_step
+            result = self.session.step(line, k=self.k)
+        self.lines.append(line)
+        self.befores.append(before)
+        return result
+
+    def undo(self) -> StepResult | None:
+        from cellgate.client import HistoryExhausted, SessionNotFound
+
+        if not self.lines:
+            return None
+        self.lines.pop()
+        to_step = self.befores.pop()
+        try:
+            return self.session.rewind(to_step, k=self.k)
+        except (HistoryExhausted, SessionNotFound):
+            return self.replay()  # further back than the server keeps history: rebuild from the lines
+
+    def replay(self) -> StepResult:
+        """A new session fed the kept lines again, one step each."""
+        self.session.delete()
+        self.session = self.client.session(self.text, k=self.k)
+        result = self.session.last
+        self.befores = []
+        for line in self.lines:
+            self.befores.append(self.session.current_step)
+            result = self.session.step(line, k=self.k)
+        return result
+
+
+def _read_line(prompt: str) -> str | None:
+    try:
+        return input(prompt).strip()
+    except EOFError:
+        return None
 
 
 def _experiment(args: argparse.Namespace) -> int:
@@ -208,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key")
     p.add_argument("--json", action="store_true", help="print the raw JSON response")
     p.set_defaults(func=_predict)
+
+    c = sub.add_parser("chat", help="an interactive loop against a running server: suggestions after each line")
+    c.add_argument("--url", default=DEFAULT_URL)
+    c.add_argument("--api-key")
+    c.add_argument("--k", type=int, default=5)
+    c.add_argument("--text", default="", help="prime the session with this text first")
+    c.set_defaults(func=_chat)
 
     x = sub.add_parser("experiment", help="experiments, e.g. `cellgate experiment long-range`")
     x.add_argument("rest", nargs=argparse.REMAINDER)
