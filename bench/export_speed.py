@@ -3,7 +3,7 @@
     python -m bench.export_speed [--out bench/results/export_speed.json] [--quick]
 
 For (a) the demo model (runs/demo + bundles/demo; without them random weights in the demo's shape,
-2×200 on the builtin:longrange vocabulary), (a') a random 2×64 model on that vocabulary and (b) a
+2×64 on the builtin:longrange vocabulary), (a') a random 2×200 model on that vocabulary and (b) a
 random 2×256 model with 10,000 words, each exported with export_checkpoint, it measures on one
 thread each (ORT intra_op_num_threads=1, torch.set_num_threads(1), as the service runs ORT):
   - single step (batch 1, one token): ORT step graph vs PyTorch eager (forward + log_softmax + top-5)
@@ -44,6 +44,7 @@ from export.quantize import agreement, batch_effect, held_out_tokens, quantize_s
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model.config import LSTMConfig
 from model.corpus import LONGRANGE, longrange_text
+from model.experiments.long_range import demo_train_config
 from model.lm import LSTMLanguageModel, LSTMState
 from model.train import TrainConfig
 from model.vocab import Vocabulary, tokenize
@@ -138,15 +139,16 @@ def prepare(work: Path) -> dict[str, tuple[str, Path, Path]]:
     if (DEMO_RUN / "best.pt").exists() and (DEMO_BUNDLE / "manifest.json").exists():
         models["demo"] = ("the demo model (runs/demo, bundles/demo)", DEMO_RUN, DEMO_BUNDLE)
     else:
-        # No trained demo: its shape with random weights, from the same defaults `make demo` trains with.
-        config = TrainConfig(corpus=LONGRANGE, out="").model_config(len(longrange))
+        # No trained demo: its shape with random weights, from the recipe `make demo` trains with.
+        config = demo_train_config("").model_config(len(longrange))
         shape = f"{config.num_layers}×{config.hidden_size}"
         desc = f"no runs/demo: random {shape}, the demo's shape (builtin:longrange vocabulary, {len(longrange)} words)"
         models["demo"] = (desc, *export_random(work, "demo", longrange, config))
-    small = LSTMConfig(vocab_size=len(longrange), embed_size=64, hidden_size=64, num_layers=2)
-    models["small"] = (
-        f"random 2×64 on the builtin:longrange vocabulary ({len(longrange)} words)",
-        *export_random(work, "small", longrange, small),
+    # TrainConfig's defaults: PyTorch's word-language-model example shape, between the demo and "large".
+    mid = TrainConfig(corpus=LONGRANGE, out="").model_config(len(longrange))
+    models["mid"] = (
+        f"random {mid.num_layers}×{mid.hidden_size} on the builtin:longrange vocabulary ({len(longrange)} words)",
+        *export_random(work, "mid", longrange, mid),
     )
     words = Vocabulary(["<pad>", "<unk>", "<eos>", *[f"w{i}" for i in range(10_000 - 3)]])
     large = LSTMConfig(vocab_size=len(words), embed_size=256, hidden_size=256, num_layers=2)

@@ -243,6 +243,20 @@ def _experiment(args: argparse.Namespace) -> int:
     return int(long_range.main(args.rest) or 0)
 
 
+BENCHMARKS = {
+    "serve": "bench.serve",  # HTTP and WebSocket serving against the framework floor and a naive server
+    "export": "bench.export_speed",  # ONNX Runtime vs PyTorch, graph forms, prefill, int8
+    "train-quality": "bench.train_quality",  # the WikiText-2 perplexity bar
+}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(BENCHMARKS[args.benchmark])
+    return int(module.main(args.rest) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -317,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("experiment", help="experiments, e.g. `cellgate experiment long-range`")
     x.add_argument("rest", nargs=argparse.REMAINDER)
     x.set_defaults(func=_experiment)
+
+    b = sub.add_parser("bench", help="benchmarks, e.g. `cellgate bench serve --short` (figures in docs/benchmarks.md)")
+    b.add_argument("benchmark", choices=sorted(BENCHMARKS))
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (`cellgate bench NAME --help`)")
+    b.set_defaults(func=_bench)
     return parser
 
 

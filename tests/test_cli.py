@@ -88,3 +88,13 @@ def test_chat_undo_past_the_kept_history_replays(server: ServerProcess) -> None:
     assert answers[5] == answers[1]  # the second /undo reaches past the history: rebuilt from the lines
     assert answers[6] == answers[0]
     assert "nothing to undo" in done.stderr
+
+
+def test_bench_dispatches_to_each_benchmark_and_refuses_unknown_ones() -> None:
+    for name, flag in (("serve", "--short"), ("export", "--quick"), ("train-quality", "--throughput")):
+        result = cellgate("bench", name, "--help")
+        assert result.returncode == 0, result.stderr
+        assert flag in result.stdout
+    unknown = cellgate("bench", "nonsense")
+    assert unknown.returncode == 2
+    assert "invalid choice" in unknown.stderr
