@@ -5,7 +5,8 @@
 For each model (the demo model and a realistic 2×256, 10k-word one) it starts each server as a
 subprocess, drives it with wrk (a compiled load generator) for a bounded time with N concurrent
 sessions, then stops everything. It reports req/s, p50/p95/p99 latency, the batch-size
-distribution, WebSocket words/s, RSS per idle session, and the load generator's own CPU share.
+distribution, WebSocket words/s, RSS per idle session (fresh, and with a full rewind history), and the
+load generator's own CPU share.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import httpx
 
 from bench.models import DEMO_RUN, REALISTIC_RUN, ensure_demo, ensure_realistic
 from bench.procs import ServerProcess, cpu_seconds, rss_bytes, start_process
+from service.config import Settings
 
 STEP_BODY = '{"text": "the", "k": 5}'
 
@@ -105,6 +107,24 @@ def _sessions(url: str, count: int, text: str = "i stay in india .") -> list[str
     return asyncio.run(make())
 
 
+def _step_each(url: str, ids: list[str], steps: int) -> None:
+    """Step every session `steps` times, one word per request (the keyboard pattern that fills rewind history)."""
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            sem = asyncio.Semaphore(32)
+
+            async def one(sid: str) -> None:
+                async with sem:
+                    for _ in range(steps):
+                        response = await client.post(f"/v1/sessions/{sid}/steps", content=STEP_BODY)
+                        response.raise_for_status()
+
+            await asyncio.gather(*(one(sid) for sid in ids))
+
+    asyncio.run(run())
+
+
 def _batch_histogram(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics").text
     buckets: dict[str, float] = {}
@@ -148,7 +168,9 @@ def _uvicorn(app: str, env: dict[str, str] | None = None) -> ServerProcess:
     return start_process(command, env)
 
 
-def bench_model(name: str, bundle: Path, checkpoint: Path, sessions: int, seconds: float, idle: int) -> dict[str, Any]:
+def bench_model(
+    name: str, bundle: Path, checkpoint: Path, sessions: int, seconds: float, idle: int, with_history: int
+) -> dict[str, Any]:
     report: dict[str, Any] = {"model": name, "bundle": str(bundle), "sessions": sessions}
     manifest = json.loads((bundle / "manifest.json").read_text())
     report["config"] = {k: manifest["config"][k] for k in ("vocab_size", "hidden_size", "num_layers")}
@@ -197,6 +219,18 @@ def bench_model(name: str, bundle: Path, checkpoint: Path, sessions: int, second
             "bytes_per_session": (grown - base) / idle,
             "state_bytes": 2 * report["config"]["num_layers"] * report["config"]["hidden_size"] * 4,
         }
+        # Rewind history (CELLGATE_SESSION_HISTORY, default 32 tokens): its worst case is one snapshot per
+        # one-word step, so these sessions are stepped word by word past the window, then left idle.
+        history = int(Settings.model_fields["session_history"].default)  # the server runs with the defaults
+        before = rss_bytes(server.pid)
+        ids = _sessions(server.url, with_history, text="the")
+        _step_each(server.url, ids, history + 1)
+        after = rss_bytes(server.pid)
+        report["history_sessions"] = {
+            "sessions": with_history,
+            "one_word_steps_each": history + 1,
+            "bytes_per_session": (after - before) / with_history,
+        }
     finally:
         server.stop()
 
@@ -211,8 +245,8 @@ def bench_model(name: str, bundle: Path, checkpoint: Path, sessions: int, second
 def markdown(results: list[dict[str, Any]]) -> str:
     rows = [
         "| model | cellgate req/s | floor req/s | naive req/s | vs floor | vs naive | p50 / p95 / p99 ms (max load) "
-        "| p99 ms at half load | WS words/s | bytes / idle session | wrk CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| p99 ms at half load | WS words/s | bytes / idle session | bytes / session, full history | wrk CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         h = r["cellgate_http"]
@@ -227,6 +261,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"| {h['p50_ms']:.1f} / {h['p95_ms']:.1f} / {h['p99_ms']:.1f} "
             f"| {half['p99_ms']:.1f} ({half['req_per_second']:.0f} req/s) "
             f"| {r['cellgate_websocket']['words_per_second']:.0f} | {r['idle_sessions']['bytes_per_session']:.0f} "
+            f"| {r['history_sessions']['bytes_per_session']:.0f} "
             f"| {h['loadgen_cpu_cores']:.2f} cores |"
         )
     batches = [f"- {r['model']}: batch sizes at max load {r['cellgate_http'].get('batch_sizes')}" for r in results]
@@ -239,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--idle-sessions", type=int, default=100_000)
+    parser.add_argument("--history-sessions", type=int, default=1_000, help="sessions stepped word by word")
     parser.add_argument("--models", default="demo,realistic")
     parser.add_argument("--out", default="bench/results/serve.json")
     args = parser.parse_args(argv)
@@ -248,11 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     models = ["demo"] if args.short else args.models.split(",")
     seconds = 3.0 if args.short else args.seconds
     idle = 5_000 if args.short else args.idle_sessions
+    with_history = 100 if args.short else args.history_sessions
     started = time.perf_counter()
     results = []
     for name in models:
         bundle, checkpoint = (ensure_demo(), DEMO_RUN) if name == "demo" else (ensure_realistic(), REALISTIC_RUN)
-        results.append(bench_model(name, bundle, checkpoint, args.sessions, seconds, idle))
+        results.append(bench_model(name, bundle, checkpoint, args.sessions, seconds, idle, with_history))
     table = markdown(results)
     print(table)
     out = Path(args.out)
