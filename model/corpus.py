@@ -119,6 +119,8 @@ def load_corpus(spec: str, seed: int = 0, episodes: int = 2000, gap_min: int = 0
     if spec.startswith(BUILTIN_PREFIX):
         if spec != LONGRANGE:
             raise CorpusError(f"unknown built-in corpus {spec!r}; available: {LONGRANGE}")
+        if episodes < 1:
+            raise CorpusError(f"{LONGRANGE} needs at least one episode, got episodes={episodes}")
         return longrange_text(seed, episodes, gap_min, gap_max)
     path = Path(spec)
     if not path.exists():

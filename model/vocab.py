@@ -3,15 +3,22 @@
 This module imports no torch: the service reads vocab.json with it, so the training and the
 serving side split text into tokens by exactly the same rules.
 
-Tokenization rules (version 1):
+Tokenization rules (version 2):
 1. Text is normalised to Unicode NFKC (so "ﬁ" and "fi", full-width and ASCII forms, match).
 2. Optionally lowercased (a vocabulary records whether it was).
-3. Every line break becomes the `<eos>` token; a final line break is not required.
+3. Every line break (each one `str.splitlines` knows: \n, \r, \v, \f, U+2028, ...) becomes the
+   `<eos>` token; a final line break is not required.
 4. Split mode "words" (default): a token is a run of letters/digits with inner apostrophes or
    hyphens ("don't", "well-known"), or any single other non-space character ("." "," "!").
+   Combining marks (Unicode categories M*) belong to the token they touch, so "हिंदी" and
+   "İstanbul" stay one word each.
    Split mode "whitespace": tokens are the whitespace-separated pieces, for corpora that are
    already tokenized (WikiText), where a literal `<unk>` in the text stays one token.
 5. A token not in the vocabulary becomes `<unk>`.
+
+A vocabulary records the rules' version it was built with and is always read with those rules, so a
+model serves text exactly as it was trained. Version 1 differed in two places: combining marks were
+tokens of their own, and only a final \n or \r counted as a line break.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TOKENIZER_VERSION = 1
+TOKENIZER_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PAD = "<pad>"
 UNK = "<unk>"
 EOS = "<eos>"
@@ -38,19 +46,53 @@ _NO_SPACE_AFTER = {"(", "[", "{"}
 SPLIT_MODES = ("words", "whitespace")
 
 
-def tokenize(text: str, lowercase: bool = True, split: str = "words") -> list[str]:
-    """Split text into word tokens by the rules in this module's docstring."""
+# Every separator str.splitlines() splits on.
+_LINE_BREAKS = ("\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+
+
+def _is_mark(char: str) -> bool:
+    return unicodedata.category(char).startswith("M")
+
+
+def _words_with_marks(line: str) -> list[str]:
+    """_TOKEN's matches, with combining marks joined to the letters they touch (rule 4)."""
+    tokens: list[str] = []
+    end = -1
+    for match in _TOKEN.finditer(line):
+        piece = match.group()
+        if (
+            tokens
+            and match.start() == end
+            and (_is_mark(piece[0]) or (_is_mark(tokens[-1][-1]) and piece[0].isalnum()))
+        ):
+            tokens[-1] += piece
+        else:
+            tokens.append(piece)
+        end = match.end()
+    return tokens
+
+
+def tokenize(text: str, lowercase: bool = True, split: str = "words", version: int = TOKENIZER_VERSION) -> list[str]:
+    """Split text into word tokens by the rules in this module's docstring (of the given version)."""
     if split not in SPLIT_MODES:
         raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
-    if not text.isascii():  # ASCII is already NFKC-normal; skip the costly pass for the common case
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"unsupported tokenizer version {version!r} (this build reads {READABLE_VERSIONS})")
+    ascii_only = text.isascii()
+    if not ascii_only:  # ASCII is already NFKC-normal and has no combining marks: the common case skips both
         text = unicodedata.normalize("NFKC", text)
     if lowercase:
         text = text.lower()
+    joins_marks = version >= 2 and not ascii_only
     tokens: list[str] = []
     lines = text.splitlines()
+    ends_with_break = text.endswith(_LINE_BREAKS if version >= 2 else ("\n", "\r"))
     for index, line in enumerate(lines):
-        tokens.extend(line.split() if split == "whitespace" else _TOKEN.findall(line))
-        if index < len(lines) - 1 or text.endswith(("\n", "\r")):
+        if split == "whitespace":
+            tokens.extend(line.split())
+        else:
+            tokens.extend(_words_with_marks(line) if joins_marks else _TOKEN.findall(line))
+        if index < len(lines) - 1 or ends_with_break:
             tokens.append(EOS)
     return tokens
 
@@ -78,6 +120,7 @@ class Vocabulary:
     words: list[str]
     lowercase: bool = True
     split: str = "words"
+    tokenizer_version: int = TOKENIZER_VERSION  # the rules this vocabulary was built with, and is read with
     index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +131,10 @@ class Vocabulary:
             raise ValueError("a vocabulary must not contain duplicate words")
         if self.split not in SPLIT_MODES:
             raise ValueError(f"split must be one of {SPLIT_MODES}, got {self.split!r}")
+        if type(self.tokenizer_version) is not int or self.tokenizer_version not in READABLE_VERSIONS:
+            raise ValueError(
+                f"unsupported tokenizer_version {self.tokenizer_version!r} (this build reads {READABLE_VERSIONS})"
+            )
 
     @property
     def pad_id(self) -> int:
@@ -109,7 +156,7 @@ class Vocabulary:
         return [self.index.get(t, unk) for t in tokens]
 
     def tokenize(self, text: str) -> list[str]:
-        return tokenize(text, self.lowercase, self.split)
+        return tokenize(text, self.lowercase, self.split, self.tokenizer_version)
 
     def encode(self, text: str) -> tuple[list[int], list[str]]:
         """Token ids for text, and the distinct words that were not in the vocabulary."""
@@ -119,7 +166,13 @@ class Vocabulary:
         return ids, unknown
 
     def decode(self, ids: Iterable[int]) -> list[str]:
-        return [self.words[i] for i in ids]
+        words = self.words
+        out = []
+        for i in ids:
+            if not 0 <= i < len(words):  # a negative id would silently index from the end
+                raise ValueError(f"token id {i} is outside the vocabulary (0..{len(words) - 1})")
+            out.append(words[i])
+        return out
 
     @classmethod
     def build(
@@ -139,18 +192,28 @@ class Vocabulary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "tokenizer_version": TOKENIZER_VERSION,
+            "tokenizer_version": self.tokenizer_version,
             "lowercase": self.lowercase,
             "split": self.split,
             "words": self.words,
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
+    def from_dict(cls, data: Any) -> Vocabulary:
+        """A vocabulary from its JSON form; every malformed field is a ValueError naming it."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a vocabulary must be a JSON object, got {type(data).__name__}")
         version = data.get("tokenizer_version")
-        if version != TOKENIZER_VERSION:
-            raise ValueError(f"unsupported tokenizer_version {version!r} (this build reads {TOKENIZER_VERSION})")
-        return cls(list(data["words"]), lowercase=bool(data["lowercase"]), split=str(data.get("split", "words")))
+        if type(version) is not int or version not in READABLE_VERSIONS:
+            raise ValueError(f"unsupported tokenizer_version {version!r} (this build reads {READABLE_VERSIONS})")
+        words, lowercase, split = data.get("words"), data.get("lowercase"), data.get("split", "words")
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ValueError("vocabulary field 'words' must be a list of strings")
+        if not isinstance(lowercase, bool):
+            raise ValueError(f"vocabulary field 'lowercase' must be true or false, got {lowercase!r}")
+        if not isinstance(split, str):
+            raise ValueError(f"vocabulary field 'split' must be a string, got {split!r}")
+        return cls(words, lowercase=lowercase, split=split, tokenizer_version=version)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")

@@ -29,9 +29,7 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def make_layers(
-    num_layers: int, input_size: int, hidden_size: int, seed: int, dtype: torch.dtype
-) -> list[LSTMLayer]:
+def make_layers(num_layers: int, input_size: int, hidden_size: int, seed: int, dtype: torch.dtype) -> list[LSTMLayer]:
     torch.manual_seed(seed)
     sizes = [input_size] + [hidden_size] * num_layers
     layers = [LSTMLayer(sizes[k], sizes[k + 1]).to(dtype).eval() for k in range(num_layers)]
@@ -52,7 +50,9 @@ def random_inputs(
     return x, h0, c0
 
 
-def run_stack(layers: list[LSTMLayer], x: Tensor, h0: Tensor, c0: Tensor, explicit: bool) -> tuple[Tensor, Tensor, Tensor]:
+def run_stack(
+    layers: list[LSTMLayer], x: Tensor, h0: Tensor, c0: Tensor, explicit: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     hs, cs = [], []
     for k, layer in enumerate(layers):
         if explicit:
@@ -173,6 +173,7 @@ def make_model(
     with torch.no_grad():  # embeddings of unit scale make the gates move well away from 1/2
         model.embedding.weight.normal_(0.0, 1.0)
         for layer in model.layers:
+            assert isinstance(layer, LSTMLayer)
             layer.bias.uniform_(-0.5, 1.0)
     return model
 
@@ -221,8 +222,10 @@ def test_explain_trace_follows_the_notation(
         assert tensor.shape == (num_layers, batch, steps, hidden_size), name
     f, i, c_tilde, o = trace.forget_gate, trace.input_gate, trace.candidate, trace.output_gate
     for gate in (f, i, o):
-        assert bool((gate > 0).all()) and bool((gate < 1).all())
-    assert bool((c_tilde > -1).all()) and bool((c_tilde < 1).all())
+        assert bool((gate > 0).all())
+        assert bool((gate < 1).all())
+    assert bool((c_tilde > -1).all())
+    assert bool((c_tilde < 1).all())
 
     tol = 1e-5
     layers: list[LSTMLayer] = list(model.layers)  # type: ignore[arg-type]

@@ -93,12 +93,12 @@ class TestFiles:
     def test_binary(self, tmp_path: Path, data: bytes) -> None:
         path = tmp_path / "blob.txt"
         path.write_bytes(data)
-        with pytest.raises(CorpusError, match="looks binary .*NUL bytes"):
+        with pytest.raises(CorpusError, match=r"looks binary .*NUL bytes"):
             load_corpus(str(path))
 
     def test_directory_without_txt_files(self, tmp_path: Path) -> None:
         (tmp_path / "readme.md").write_text("not a corpus", encoding="utf-8")
-        with pytest.raises(CorpusError, match="holds no .txt files"):
+        with pytest.raises(CorpusError, match=r"holds no \.txt files"):
             load_corpus(str(tmp_path))
 
     def test_directory_of_empty_files(self, tmp_path: Path) -> None:
@@ -190,11 +190,6 @@ class TestLongRange:
         with pytest.raises(CorpusError, match=rf"unknown built-in corpus '{spec}'; available: builtin:longrange"):
             load_corpus(spec)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG model/corpus.py load_corpus: the emptiness check only covers files; builtin:longrange with "
-        "episodes=0 (or negative) returns '\\n' instead of raising CorpusError",
-    )
     @pytest.mark.parametrize("episodes", [0, -3])
     def test_no_episodes_is_an_empty_corpus(self, episodes: int) -> None:
         with pytest.raises(CorpusError):
@@ -214,7 +209,8 @@ def test_encode_stream_and_lines(vocab: Vocabulary) -> None:
     stream = encode_stream(vocab, text)
     assert stream.dtype == torch.long
     assert stream.dim() == 1
-    assert vocab.decode(stream.tolist()) == ["i", "stay", "in", "france", ".", EOS, EOS, "i", "speak", "<unk>", ".", EOS]
+    words = ["i", "stay", "in", "france", ".", EOS, EOS, "i", "speak", "<unk>", ".", EOS]  # the blank line is an <eos>
+    assert vocab.decode(stream.tolist()) == words
     lines = encode_lines(vocab, text)
     assert [vocab.decode(ids) for ids in lines] == [
         ["i", "stay", "in", "france", ".", EOS],
@@ -368,6 +364,15 @@ class Oracle(Uniform):
         return logits, state
 
 
+class Copycat(Uniform):
+    """Predicts that the last word repeats: it can only score if the prompt leaks the answer."""
+
+    def __call__(self, tokens: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+        logits, state = super().__call__(tokens, state)
+        logits[torch.arange(tokens.shape[0]), -1, tokens[:, -1]] = 1.0
+        return logits, state
+
+
 def test_long_range_accuracy_buckets(vocab: Vocabulary) -> None:
     perfect = long_range_accuracy(Oracle(vocab), vocab, seed=1, per_bucket=6, max_gap=30)
     assert list(perfect) == ["0-10", "10-20", "20-30"]
@@ -382,3 +387,5 @@ def test_long_range_accuracy_buckets(vocab: Vocabulary) -> None:
     assert all(b["mean_gap"] == perfect[k]["mean_gap"] for k, b in stubborn.items())  # same episodes for a seed
     uniform = long_range_accuracy(Uniform(len(vocab)), vocab, seed=1, per_bucket=6, max_gap=30)
     assert all(b["accuracy"] == 0.0 for b in uniform.values())  # argmax of a tie is word 0, <pad>
+    copycat = long_range_accuracy(Copycat(len(vocab)), vocab, seed=1, per_bucket=6, max_gap=30)
+    assert all(b["accuracy"] == 0.0 for b in copycat.values())  # the prompt ends at "speak"
