@@ -3,8 +3,6 @@ and state is passed in and returned, never kept."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -18,15 +16,6 @@ from model.lm import GateTrace, LSTMLanguageModel, LSTMState
 # float32 is what the model trains and serves in: the bar there is 1e-5 on these small shapes.
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 PROPERTY = settings(max_examples=30, deadline=None)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny shapes: a second thread only adds contention on a shared two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_layers(num_layers: int, input_size: int, hidden_size: int, seed: int, dtype: torch.dtype) -> list[LSTMLayer]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +31,6 @@ PROPERTY = settings(max_examples=30, deadline=None)
 COUNTRIES = {c for c, _ in COUNTRY_LANGUAGE}
 LANGUAGES = {lang for _, lang in COUNTRY_LANGUAGE}
 LONGEST_FILLER_SENTENCE = 10  # "my friend cooked the old table in the morning ." is the longest template fill
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def parse(line: str) -> tuple[str, list[str], str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ from model.lm import LSTMLanguageModel
 from model.train import TrainConfig, as_language_model, train
 
 CONFIG = LSTMConfig(vocab_size=23, embed_size=8, hidden_size=8, num_layers=2, dropout=0.0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """These models are tiny: a second thread only adds contention on a shared two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TestTanhRNN:

@@ -31,7 +31,7 @@ from websockets.sync.client import connect as ws_connect_sync
 from bench.procs import rss_bytes
 from service.sessions import SessionManager
 from service.store.redis import RedisStore
-from tests.redis_server import RedisServer, replica_env, running_redis
+from tests.redis_server import RedisServer, replica_env
 from tests.servers import ServerProcess, running_server, start_server
 from tests.service.harness import service_core
 
@@ -49,22 +49,6 @@ def phrases(bundle: Path, count: int, length: int = 3) -> list[str]:
     """Deterministic texts of known words (the same on every run)."""
     words = vocabulary(bundle)
     return [" ".join(words[(7 * i + 3 * j) % len(words)] for j in range(length)) for i in range(count)]
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def replicas(tiny_bundle: Path, redis_server: RedisServer) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    """Two service processes on different ports sharing one redis-server."""
-    with (
-        running_server(tiny_bundle, replica_env(redis_server)) as a,
-        running_server(tiny_bundle, replica_env(redis_server)) as b,
-    ):
-        yield a, b
 
 
 @pytest.fixture

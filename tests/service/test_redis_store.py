@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -19,12 +19,6 @@ from service.store.redis import REPLACE_SCRIPT, RedisStore
 from tests.redis_server import RedisServer, free_port, running_redis
 
 StoreFactory = Callable[[float], SessionStore]
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 def redis_settings(url: str, ttl: float = 60.0) -> Settings:

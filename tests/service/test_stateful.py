@@ -7,37 +7,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, multiple, rule, run_state_machine_as_test
 
 from service.store.redis import RedisStore
-from tests.redis_server import RedisServer, replica_env, running_redis
-from tests.servers import ServerProcess, running_server
+from tests.redis_server import RedisServer
+from tests.servers import ServerProcess
 
 K = 8
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def replicas(tiny_bundle: Path, redis_server: RedisServer) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    with (
-        running_server(tiny_bundle, replica_env(redis_server)) as a,
-        running_server(tiny_bundle, replica_env(redis_server)) as b,
-    ):
-        yield a, b
 
 
 @dataclass
