@@ -54,7 +54,14 @@ end
 
 def _wrk(url: str, ids: list[str], connections: int, seconds: float, delay_ms: float | None = None) -> dict[str, Any]:
     """One wrk run; returns its summary plus the load generator's CPU seconds."""
-    delay = f"delay = function() return {delay_ms:.3f} end" if delay_ms else ""
+    # Think time drawn from an exponential distribution (Poisson-like arrivals from independent clients):
+    # a constant delay keeps every connection in phase, so the "half load" arrives as bursts of
+    # `connections` requests at once and measures the burst, not the load.
+    delay = (
+        f"math.randomseed(1)\ndelay = function() return -{delay_ms:.3f} * math.log(1 - math.random()) end"
+        if delay_ms
+        else ""
+    )
     script = LUA % {"ids": ",".join(f'"{i}"' for i in ids), "body": STEP_BODY, "delay": delay}
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
         fh.write(script)
