@@ -192,12 +192,18 @@ def bench_model(
         half = _wrk(server.url, ids, connections, seconds, delay_ms=1000 * connections / (peak / 2))
         report["cellgate_http_half_load"] = half
         command = [sys.executable, "-m", "bench.ws_load", "--url", server.url, "--sessions", str(sessions)]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu0 = cpu_seconds(server.pid)
         ws = subprocess.run(
             [*command, "--seconds", str(seconds)], capture_output=True, text=True, timeout=seconds + 180, check=True
         )
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        report["cellgate_websocket"] = json.loads(ws.stdout.strip().splitlines()[-1])
-        report["cellgate_websocket"]["loadgen_cpu_seconds_total"] = usage.ru_utime + usage.ru_stime
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ws_report = json.loads(ws.stdout.strip().splitlines()[-1])
+        # Both over the client's whole life (session set-up included), so a share of the wall time it ran.
+        loadgen = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        ws_report["loadgen_cpu_seconds"] = loadgen
+        ws_report["server_cpu_seconds"] = cpu_seconds(server.pid) - cpu0
+        report["cellgate_websocket"] = ws_report
     finally:
         server.stop()
 
@@ -229,14 +235,14 @@ def bench_model(
         # Rewind history (CELLGATE_SESSION_HISTORY, default 32 tokens): its worst case is one snapshot per
         # one-word step, so these sessions are stepped word by word past the window, then left idle.
         history = int(Settings.model_fields["session_history"].default)  # the server runs with the defaults
-        before = rss_bytes(server.pid)
+        rss_before = rss_bytes(server.pid)
         ids = _sessions(server.url, with_history, text="the")
         _step_each(server.url, ids, history + 1)
-        after = rss_bytes(server.pid)
+        rss_after = rss_bytes(server.pid)
         report["history_sessions"] = {
             "sessions": with_history,
             "one_word_steps_each": history + 1,
-            "bytes_per_session": (after - before) / with_history,
+            "bytes_per_session": (rss_after - rss_before) / with_history,
         }
     finally:
         server.stop()
