@@ -53,10 +53,29 @@ REFERENCE: dict[str, Any] = {
     "softmax": "full",
 }
 
-# The recipe that meets the bar within a 5-minute budget; every field that differs from the reference
-# was measured on its own (docs/benchmarks.md, "Training quality").
+# The best recipe found for a 5-minute budget (test ppl 148.6: short of the 140 bar); the levers and what each
+# bought are in docs/benchmarks.md, "Training quality".
 BEST: dict[str, Any] = {
     **REFERENCE,
+    # 2 x 400 tied: twice the width of the reference; the 195k-token train portion needs the dropouts below.
+    "hidden_size": 400,
+    "embed_size": 400,
+    "dropout": 0.4,  # locked dropout on embeddings and layer outputs (0.3 with recurrent 0.2 was no better)
+    "embed_dropout": 0.1,  # drops whole word types
+    "recurrent_dropout": 0.25,  # DropConnect on the recurrent weights
+    # Plain SGD as in the reference (AdamW 3e-3 with the same budget schedule ended at 197),
+    # annealed per batch by a cosine to zero over the 5-minute budget instead of on plateaus.
+    "optimizer": "sgd",
+    "lr": 30.0,  # AWD-LSTM's; 20 ended 150.5 vs 149.1 test, within run-to-run noise
+    "schedule": "budget",
+    "warmup": 0.0,
+    "clip": 0.25,
+    # Speed buys epochs: bf16 autocast for the recurrence and the decoder (fp32 -> bf16-all: 7.7k -> 8.8k tokens/s),
+    # and a sampled softmax over 2,048 shared negatives in training (-> 12.2k tokens/s, 13 -> 18 epochs).
+    # Evaluation always uses the full fp32 softmax.
+    "precision": "bf16-all",
+    "softmax": "sampled",
+    "samples": 2048,
     "epochs": 1000,  # the time budget ends training, not an epoch count
     "patience": 1000,
 }
