@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from bench import profile
 from bench.models import DEMO_RUN, REALISTIC_RUN, ensure_demo, ensure_realistic
 from bench.procs import ServerProcess, cpu_seconds, rss_bytes, start_process
 from service.config import Settings
@@ -124,7 +125,7 @@ def _step_each(url: str, ids: list[str], steps: int) -> None:
             async def one(sid: str) -> None:
                 async with sem:
                     for _ in range(steps):
-                        response = await client.post(f"/v1/sessions/{sid}/steps", content=STEP_BODY)
+                        response = await client.post(f"/v1/sessions/{sid}/steps", json=json.loads(STEP_BODY))
                         response.raise_for_status()
 
             await asyncio.gather(*(one(sid) for sid in ids))
@@ -175,8 +176,26 @@ def _uvicorn(app: str, env: dict[str, str] | None = None) -> ServerProcess:
     return start_process(command, env)
 
 
+def _profile(server: ServerProcess, sessions: int, seconds: float, out: Path) -> str:
+    """A separate max-load run under py-spy (sampling perturbs the timing, so never the measured run)."""
+    ids = _sessions(server.url, sessions)
+    raw = out.with_suffix(".raw")
+    with profile.recording(server.pid, raw):
+        _wrk(server.url, ids, sessions, seconds)
+    text = profile.summarize(raw)
+    out.write_text(text)
+    return text
+
+
 def bench_model(
-    name: str, bundle: Path, checkpoint: Path, sessions: int, seconds: float, idle: int, with_history: int
+    name: str,
+    bundle: Path,
+    checkpoint: Path,
+    sessions: int,
+    seconds: float,
+    idle: int,
+    with_history: int,
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
     report: dict[str, Any] = {"model": name, "bundle": str(bundle), "sessions": sessions}
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -204,6 +223,9 @@ def bench_model(
         ws_report["loadgen_cpu_seconds"] = loadgen
         ws_report["server_cpu_seconds"] = cpu_seconds(server.pid) - cpu0
         report["cellgate_websocket"] = ws_report
+        if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            report["profile"] = _profile(server, sessions, seconds, profile_dir / f"serve_{name}.txt")
     finally:
         server.stop()
 
@@ -290,9 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history-sessions", type=int, default=1_000, help="sessions stepped word by word")
     parser.add_argument("--models", default="demo,realistic")
     parser.add_argument("--out", default="bench/results/serve.json")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="also profile the server under max load with py-spy into DIR"
+    )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is needed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    if args.profile is not None and profile.executable() is None:
+        print("--profile needs py-spy (pip install py-spy)", file=sys.stderr)
         return 2
     models = ["demo"] if args.short else args.models.split(",")
     seconds = 3.0 if args.short else args.seconds
@@ -302,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in models:
         bundle, checkpoint = (ensure_demo(), DEMO_RUN) if name == "demo" else (ensure_realistic(), REALISTIC_RUN)
-        results.append(bench_model(name, bundle, checkpoint, args.sessions, seconds, idle, with_history))
+        results.append(bench_model(name, bundle, checkpoint, args.sessions, seconds, idle, with_history, args.profile))
     table = markdown(results)
     print(table)
     out = Path(args.out)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.servers import ServerProcess, running_server
+
+# httpx logs every request at INFO: under `make soak`'s live INFO log that buried the soak's own figures
+# in millions of request lines.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")
