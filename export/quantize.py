@@ -8,7 +8,7 @@ on, would depend on the other rows of its batch. Here every weight matrix is qua
 to int8, one scale per output row, stored once, and each row of a batch gets exactly what it gets alone:
 
     embedding  Gather of int8 rows · the word's scale
-    decoder    h quantized per row (its own scale, uint8 around 128), MatMulInteger with the same int8
+    decoder    h quantized per row (its own scale, 7 bits, uint8 around 64), MatMulInteger with the same int8
                matrix (a Transpose that ONNX Runtime folds at load), then × row scale × word scale + b:
                exact integer sums, so batching cannot change a row by a single bit
     LSTM       int8 W and R with one scale per gate row, Cast·Mul to float at session load (ONNX Runtime
@@ -51,11 +51,19 @@ class QuantizationError(ValueError):
     """The int8 graph disagrees with the fp32 graph more than the bars allow."""
 
 
-def quantize_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+# x86 CPUs without VNNI multiply uint8 × int8 pairs with `pmaddubsw`, which saturates the int16 sum of two
+# products: 255 · 127 · 2 overflows, so full-range operands give wrong sums on exactly those CPUs (seen on an
+# AVX-only EPYC: errors of 23,000 in an int32 result). One operand of every integer product keeps 7 bits:
+# the decoder's h (uint8 in [1, 127]), the DynamicQuantizeLSTM weights (ONNX Runtime's `reduce_range`).
+FULL_RANGE = 127
+REDUCED_RANGE = 63
+
+
+def quantize_rows(matrix: np.ndarray, levels: int = FULL_RANGE) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 over the last axis: q (same shape) and scale (shape[:-1]) with matrix ≈ q * scale[..., None]."""
     peak = np.abs(matrix).max(axis=-1)
-    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(matrix / scale[..., None]), -127, 127).astype(np.int8)
+    scale = np.where(peak > 0, peak / levels, 1.0).astype(np.float32)
+    q = np.clip(np.rint(matrix / scale[..., None]), -levels, levels).astype(np.int8)
     return q, scale
 
 
@@ -96,7 +104,9 @@ class _Rewriter:
         ]
 
     def gemm(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
-        """h · Wᵀ + b with h quantized per row: (h_q − 128) · Q_wᵀ in int32, times row scale × word scale."""
+        """h · Wᵀ + b with h quantized per row: (h_q − 64) · Q_wᵀ in int32, times row scale × word scale.
+
+        h keeps 7 bits (see REDUCED_RANGE) so that the shared embedding/decoder matrix keeps 8."""
         attrs = self.attrs(node)
         if attrs != {"transB": 1} or len(node.input) != 3:
             raise ValueError(f"unexpected decoder Gemm {attrs}: expected h · Wᵀ + b")
@@ -104,17 +114,17 @@ class _Rewriter:
         q8, scale = self.vocab_matrix(node.input[1])
         p = node.output[0] + "_q"
         self.add(np.array(1e-30, np.float32), f"{p}_tiny")
-        self.add(np.array(127.0, np.float32), f"{p}_127")
-        self.add(np.array(128.0, np.float32), f"{p}_128")
-        self.add(np.array(128, np.uint8), f"{p}_zero_point")
+        self.add(np.array(float(REDUCED_RANGE), np.float32), f"{p}_levels")
+        self.add(np.array(float(REDUCED_RANGE + 1), np.float32), f"{p}_zero")
+        self.add(np.array(REDUCED_RANGE + 1, np.uint8), f"{p}_zero_point")
         return [
             helper.make_node("Abs", [hidden], [f"{p}_abs"]),
             helper.make_node("ReduceMax", [f"{p}_abs"], [f"{p}_peak0"], axes=[1], keepdims=1),  # (B, 1)
             helper.make_node("Max", [f"{p}_peak0", f"{p}_tiny"], [f"{p}_peak"]),  # an all-zero row divides safely
-            helper.make_node("Div", [f"{p}_peak", f"{p}_127"], [f"{p}_row_scale"]),  # (B, 1)
+            helper.make_node("Div", [f"{p}_peak", f"{p}_levels"], [f"{p}_row_scale"]),  # (B, 1)
             helper.make_node("Div", [hidden, f"{p}_row_scale"], [f"{p}_scaled"]),
-            helper.make_node("Round", [f"{p}_scaled"], [f"{p}_rounded"]),  # in [-127, 127]
-            helper.make_node("Add", [f"{p}_rounded", f"{p}_128"], [f"{p}_shifted"]),
+            helper.make_node("Round", [f"{p}_scaled"], [f"{p}_rounded"]),  # in [-63, 63]
+            helper.make_node("Add", [f"{p}_rounded", f"{p}_zero"], [f"{p}_shifted"]),  # in [1, 127]
             helper.make_node("Cast", [f"{p}_shifted"], [f"{p}_uint8"], to=TensorProto.UINT8),  # (B, H)
             # ONNX Runtime folds this Transpose at load: the file keeps one (V, E) copy for both uses.
             helper.make_node("Transpose", [q8], [f"{p}_weight_t"], perm=[1, 0]),  # (H, V) int8
@@ -146,7 +156,8 @@ class _Rewriter:
         # DynamicQuantizeLSTM wants W (1, I, 4H) and R (1, H, 4H): ONNX LSTM's weights transposed.
         quantized: list[str] = []
         for name in node.input[1:3]:
-            q, scale = quantize_rows(self.array(name))  # (1, 4H, I) in ONNX gate order i, o, f, c
+            # 7-bit weights: ONNX Runtime quantizes the activations to full-range uint8 itself.
+            q, scale = quantize_rows(self.array(name), REDUCED_RANGE)  # (1, 4H, I) in ONNX gate order i, o, f, c
             quantized += [
                 self.add(np.ascontiguousarray(q.transpose(0, 2, 1)), f"{name}_q8_t"),
                 self.add(scale, f"{name}_scale"),  # (1, 4H)

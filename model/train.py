@@ -10,6 +10,7 @@ Two data modes:
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import random
@@ -195,6 +196,18 @@ class _Data:
         return evaluate_batches(model, batches, self.vocab.pad_id)
 
 
+@functools.cache
+def bf16_recurrence_supported() -> bool:
+    """Whether torch's fused LSTM runs under bfloat16 autocast here: oneDNN refuses it on some x86 CPUs."""
+    lstm = nn.LSTM(4, 4)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(torch.zeros(2, 1, 4))
+    except RuntimeError:
+        return False
+    return True
+
+
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -263,6 +276,11 @@ def train(
         raise ValueError(f"softmax must be 'full' or 'sampled', got {cfg.softmax!r}")
     if cfg.precision not in ("fp32", "bf16", "bf16-all"):
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'bf16-all', got {cfg.precision!r}")
+    if cfg.precision == "bf16-all" and not bf16_recurrence_supported():
+        raise ValueError(
+            "precision 'bf16-all' needs a bfloat16 LSTM kernel, which oneDNN does not build for this CPU; "
+            "use 'bf16' (the decoder alone) or 'fp32'"
+        )
     start_epoch = 1
     best_loss = math.inf
     best_metrics: dict[str, Any] = {}

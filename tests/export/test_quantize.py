@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import numpy_helper
 
 from cellgate.cli import main
 from export import quantize
@@ -232,3 +233,30 @@ def test_untied_model(tmp_path: Path, lstm: quantize.LSTMMode) -> None:
     got = ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
     np.testing.assert_allclose(np.exp(got[0]), np.exp(want[0]), atol=0.01)  # probabilities
     np.testing.assert_allclose(got[3], want[3], atol=0.02)  # h
+
+
+def test_decoder_integer_sums_are_exact(int8_bundle: Path, int8_step: ort.InferenceSession) -> None:
+    """The int8 decoder equals numpy's exact integer product of its own operands on this CPU.
+
+    Full-range uint8 × int8 pairs overflow `pmaddubsw` on x86 CPUs without VNNI (ONNX Runtime's kernel there
+    saturates silently); the decoder keeps h to 7 bits so that no CPU can change the sum.
+    """
+    config = load_bundle(int8_bundle).config
+    layers, hidden, vocab = config["num_layers"], config["hidden_size"], config["vocab_size"]
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(int8_bundle / STEP_GRAPH).graph.initializer}
+    matrix, scale, bias = inits["embedding_q8"], inits["embedding_scale"], inits["decoder_bias"]  # tied
+    assert matrix.shape == (vocab, hidden)
+    assert matrix.dtype == np.int8
+    rng = np.random.default_rng(7)
+    batch = 16
+    h = rng.uniform(-1, 1, (layers, batch, hidden)).astype(np.float32)
+    c = rng.uniform(-3, 3, (layers, batch, hidden)).astype(np.float32)
+    tokens = rng.integers(0, vocab, (batch, 1)).astype(np.int64)
+    log_probs, _, _, h_out, _ = int8_step.run(None, _feed(tokens, np.ones(batch), h, c))
+    top = h_out[-1].astype(np.float64)
+    row_scale = np.maximum(np.abs(top).max(axis=1, keepdims=True), 1e-30) / quantize.REDUCED_RANGE
+    h_q = np.rint(top / row_scale).astype(np.int64)
+    logits = (h_q @ matrix.astype(np.int64).T) * row_scale * scale + bias
+    peak = logits.max(axis=1, keepdims=True)
+    want = logits - peak - np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(log_probs, want, atol=2e-4, rtol=0)
