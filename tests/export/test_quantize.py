@@ -239,7 +239,7 @@ def test_decoder_integer_sums_are_exact(int8_bundle: Path, int8_step: ort.Infere
     """The int8 decoder equals numpy's exact integer product of its own operands on this CPU.
 
     Full-range uint8 × int8 pairs overflow `pmaddubsw` on x86 CPUs without VNNI (ONNX Runtime's kernel there
-    saturates silently); the decoder keeps h to 7 bits so that no CPU can change the sum.
+    saturates silently); the decoder splits h into two 7-bit parts so that no CPU can change the sum.
     """
     config = load_bundle(int8_bundle).config
     layers, hidden, vocab = config["num_layers"], config["hidden_size"], config["vocab_size"]
@@ -253,10 +253,17 @@ def test_decoder_integer_sums_are_exact(int8_bundle: Path, int8_step: ort.Infere
     c = rng.uniform(-3, 3, (layers, batch, hidden)).astype(np.float32)
     tokens = rng.integers(0, vocab, (batch, 1)).astype(np.int64)
     log_probs, _, _, h_out, _ = int8_step.run(None, _feed(tokens, np.ones(batch), h, c))
-    top = h_out[-1].astype(np.float64)
-    row_scale = np.maximum(np.abs(top).max(axis=1, keepdims=True), 1e-30) / quantize.REDUCED_RANGE
-    h_q = np.rint(top / row_scale).astype(np.int64)
-    logits = (h_q @ matrix.astype(np.int64).T) * row_scale * scale + bias
+    top = h_out[-1].astype(np.float32)  # the graph's own float32 arithmetic, to the same roundings
+    levels = np.float32(quantize.REDUCED_RANGE)
+    row_scale = np.maximum(np.abs(top).max(axis=1, keepdims=True), np.float32(1e-30)) / levels
+    scaled = top / row_scale
+    coarse = np.rint(scaled)
+    fine = np.rint((scaled - coarse) * 2 * levels)
+    assert np.abs(coarse).max() <= levels
+    assert np.abs(fine).max() <= levels
+    weights = matrix.astype(np.int64).T
+    exact = (coarse.astype(np.int64) @ weights) + (fine.astype(np.int64) @ weights) / (2 * float(levels))
+    logits = exact * row_scale * scale + bias
     peak = logits.max(axis=1, keepdims=True)
     want = logits - peak - np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
     np.testing.assert_allclose(log_probs, want, atol=2e-4, rtol=0)
