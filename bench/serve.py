@@ -187,6 +187,16 @@ def _profile(server: ServerProcess, sessions: int, seconds: float, out: Path) ->
     return text
 
 
+def _profile_command(server: ServerProcess, command: list[str], out: Path) -> str:
+    """The server under py-spy while a load-generator command (the WebSocket client) runs to its end."""
+    raw = out.with_suffix(".raw")
+    with profile.recording(server.pid, raw):
+        subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+    text = profile.summarize(raw)
+    out.write_text(text)
+    return text
+
+
 def bench_model(
     name: str,
     bundle: Path,
@@ -211,11 +221,10 @@ def bench_model(
         half = _wrk(server.url, ids, connections, seconds, delay_ms=1000 * connections / (peak / 2))
         report["cellgate_http_half_load"] = half
         command = [sys.executable, "-m", "bench.ws_load", "--url", server.url, "--sessions", str(sessions)]
+        ws_command = [*command, "--seconds", str(seconds)]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu0 = cpu_seconds(server.pid)
-        ws = subprocess.run(
-            [*command, "--seconds", str(seconds)], capture_output=True, text=True, timeout=seconds + 180, check=True
-        )
+        ws = subprocess.run(ws_command, capture_output=True, text=True, timeout=seconds + 180, check=True)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         ws_report = json.loads(ws.stdout.strip().splitlines()[-1])
         # Both over the client's whole life (session set-up included), so a share of the wall time it ran.
@@ -226,6 +235,7 @@ def bench_model(
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
             report["profile"] = _profile(server, sessions, seconds, profile_dir / f"serve_{name}.txt")
+            report["profile_websocket"] = _profile_command(server, ws_command, profile_dir / f"serve_{name}_ws.txt")
     finally:
         server.stop()
 
