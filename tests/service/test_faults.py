@@ -501,8 +501,13 @@ def test_soak_rss_stays_flat_for_5_minutes(tiny_bundle: Path, redis_server: Redi
         warm_up = min(30.0, seconds / 10)
         asyncio.run(traffic(server, time.monotonic() + warm_up))
         before = rss_bytes(server.pid)
-        sessions = asyncio.run(traffic(server, time.monotonic() + seconds))
-        after = rss_bytes(server.pid)
+        # RSS after each tenth of the run: a leak climbs through the series, warm-up flattens out.
+        sessions, series = 0, [before]
+        for _ in range(10):
+            sessions += asyncio.run(traffic(server, time.monotonic() + seconds / 10))
+            series.append(rss_bytes(server.pid))
+        after = series[-1]
         log.info("soak %.0f s: %d sessions; RSS %.1f -> %.1f MiB", seconds, sessions, before / 2**20, after / 2**20)
+        log.info("RSS every %.0f s (MiB): %s", seconds / 10, " ".join(f"{rss / 2**20:.1f}" for rss in series))
         assert sessions > 0
         assert after < before * 1.10
