@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -176,22 +177,11 @@ def _uvicorn(app: str, env: dict[str, str] | None = None) -> ServerProcess:
     return start_process(command, env)
 
 
-def _profile(server: ServerProcess, sessions: int, seconds: float, out: Path) -> str:
-    """A separate max-load run under py-spy (sampling perturbs the timing, so never the measured run)."""
-    ids = _sessions(server.url, sessions)
+def _profile(server: ServerProcess, load: Callable[[], object], out: Path) -> str:
+    """The server under py-spy while `load` runs: a separate run, since sampling perturbs the timing."""
     raw = out.with_suffix(".raw")
     with profile.recording(server.pid, raw):
-        _wrk(server.url, ids, sessions, seconds)
-    text = profile.summarize(raw)
-    out.write_text(text)
-    return text
-
-
-def _profile_command(server: ServerProcess, command: list[str], out: Path) -> str:
-    """The server under py-spy while a load-generator command (the WebSocket client) runs to its end."""
-    raw = out.with_suffix(".raw")
-    with profile.recording(server.pid, raw):
-        subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+        load()
     text = profile.summarize(raw)
     out.write_text(text)
     return text
@@ -234,8 +224,15 @@ def bench_model(
         report["cellgate_websocket"] = ws_report
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
-            report["profile"] = _profile(server, sessions, seconds, profile_dir / f"serve_{name}.txt")
-            report["profile_websocket"] = _profile_command(server, ws_command, profile_dir / f"serve_{name}_ws.txt")
+            ids = _sessions(server.url, sessions)
+            report["profile"] = _profile(
+                server, lambda: _wrk(server.url, ids, sessions, seconds), profile_dir / f"serve_{name}.txt"
+            )
+            report["profile_websocket"] = _profile(
+                server,
+                lambda: subprocess.run(ws_command, capture_output=True, timeout=seconds + 180, check=True),
+                profile_dir / f"serve_{name}_ws.txt",
+            )
     finally:
         server.stop()
 
