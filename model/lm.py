@@ -62,12 +62,15 @@ class LSTMLanguageModel(nn.Module):
 
     def _embed(self, tokens: Tensor) -> Tensor:
         weight = self.embedding.weight
+        embedded = nn.functional.embedding(tokens, weight)  # (B, T, E)
         if self.training and self.config.embed_dropout > 0:
-            # Drop whole word types (Gal & Ghahramani), rescaling the survivors.
+            # Drop whole word types (Gal & Ghahramani), rescaling the survivors. One keep factor per
+            # type, applied to the looked-up rows: the same as scaling the (V, E) matrix before the
+            # lookup, without touching all V rows forward and backward every batch.
             p = self.config.embed_dropout
-            keep = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - p) / (1 - p)
-            weight = weight * keep
-        return nn.functional.embedding(tokens, weight)  # (B, T, E)
+            keep = weight.new_empty(weight.shape[0]).bernoulli_(1 - p) / (1 - p)
+            embedded = embedded * keep[tokens].unsqueeze(-1)
+        return embedded
 
     def decode(self, outputs: Tensor) -> Tensor:
         """Logits from top-layer outputs (..., H) -> (..., V)."""

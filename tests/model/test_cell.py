@@ -363,3 +363,23 @@ def test_recurrent_dropout_only_in_training() -> None:
         torch.manual_seed(0)
         train_logits, _ = model(tokens, state)
     assert max_diff(train_logits, eval_logits) > 1e-4
+
+
+def test_embedding_dropout_drops_whole_word_types() -> None:
+    """Every occurrence of a type in a batch is dropped together or kept (rescaled) together."""
+    model = make_model(8)
+    model.config = LSTMConfig(**{**model.config.to_dict(), "embed_dropout": 0.5})
+    model.train()
+    tokens = torch.arange(VOCAB).repeat(3, 4)  # every type 12 times, in different rows and steps
+    torch.manual_seed(1)
+    embedded = model._embed(tokens)
+    plain = nn.functional.embedding(tokens, model.embedding.weight)
+    scale = (embedded / plain).detach()  # (B, T, E): 0 for a dropped type, 1 / (1 - p) for a kept one
+    per_type = [scale[tokens == word] for word in range(VOCAB)]
+    for values in per_type:
+        assert torch.allclose(values, values[0, 0].expand_as(values))  # one factor per type, everywhere
+        assert values[0, 0].item() in (0.0, 2.0)
+    dropped = sum(values[0, 0].item() == 0.0 for values in per_type)
+    assert 0 < dropped < VOCAB
+    model.eval()
+    assert torch.equal(model._embed(tokens), plain)
