@@ -78,7 +78,6 @@ class TrainConfig:
     precision: str = "fp32"
     softmax: str = "full"  # "sampled": the stream-mode training loss scores `samples` shared negatives
     samples: int = 1024
-    unigram_bias: bool = False  # start the decoder bias at the train unigram's log-probabilities
     activation_reg: float = 0.0  # AR: weight of the mean squared top-layer output
     temporal_reg: float = 0.0  # TAR: weight of the mean squared step-to-step change of that output
     batch_size: int = 20
@@ -162,15 +161,13 @@ class _Data:
         if cfg.mode == "lines":
             self.valid_lines = encode_lines(vocab, valid_text)
             self.train_lines = encode_lines(vocab, train_text)
-            train_ids = torch.tensor([i for line in self.train_lines for i in line], dtype=torch.long)
         elif cfg.mode == "stream":
             self.valid_ids = encode_stream(vocab, valid_text)
             train_ids = encode_stream(vocab, train_text)
+            self.train_counts = torch.bincount(train_ids, minlength=len(vocab))  # (V,), the sampled softmax's q
             self.train_streams = batchify(train_ids, cfg.batch_size)
         else:
             raise ValueError(f"mode must be 'stream' or 'lines', got {cfg.mode!r}")
-        # (V,): the sampled softmax's proposal and the unigram start of the decoder bias.
-        self.train_counts = torch.bincount(train_ids, minlength=len(vocab))
 
     def gap_max(self, epoch: int) -> int:
         """The epoch-driven curriculum's largest gap (gap_max itself when that curriculum is off)."""
@@ -220,17 +217,6 @@ def bf16_recurrence_supported() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def unigram_log_probs(counts: Tensor) -> Tensor:
-    """log p(w) of the add-one-smoothed train unigram, (V,).
-
-    As the decoder's starting bias it makes the untrained model predict word frequencies (the
-    embedding starts near zero, so the logits are about the bias): the first updates then go to
-    context instead of to learning that "the" is common, which a short budget cannot spare.
-    """
-    counts = counts.double() + 1.0
-    return (counts / counts.sum()).log().float()
 
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -291,11 +277,6 @@ def train(
     else:
         model = model_factory(model_config)
     lm = as_language_model(model)
-    if cfg.unigram_bias:
-        if not isinstance(model, LSTMLanguageModel):
-            raise ValueError("unigram_bias needs the LSTM language model's decoder bias")
-        with torch.no_grad():
-            model.decoder_bias.copy_(unigram_log_probs(data.train_counts))
     optimizer = _make_optimizer(cfg, model)
     sampler = None
     if cfg.softmax == "sampled":

@@ -15,9 +15,8 @@ import torch
 
 from model.checkpoint import BEST, LAST, load_checkpoint
 from model.corpus import CorpusError, load_corpus, longrange_text
-from model.data import encode_stream
 from model.softmax import SampledSoftmax
-from model.train import TrainConfig, _split_valid, bf16_recurrence_supported, budget_lr, train, unigram_log_probs
+from model.train import TrainConfig, bf16_recurrence_supported, budget_lr, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,23 +89,6 @@ def test_training_levers_still_learn(corpus: Path, tmp_path: Path, levers: dict[
     losses = [entry["train_loss"] for entry in result.log]
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0]
-
-
-def test_unigram_bias_starts_the_decoder_at_word_frequencies(corpus: Path, tmp_path: Path) -> None:
-    # lr 0: the checkpoint holds the starting weights, and epoch 1's validation scores them.
-    frozen = {"optimizer": "sgd", "lr": 0.0, "epochs": 1, "dropout": 0.0}
-    plain = train(tiny_config(corpus, tmp_path / "plain", **frozen))
-    started = train(tiny_config(corpus, tmp_path / "unigram", unigram_bias=True, **frozen))
-    ckpt = load_checkpoint(started.out / LAST)
-    train_text, _ = _split_valid(corpus.read_text(encoding="utf-8"), 0.05)
-    counts = torch.bincount(encode_stream(ckpt.vocab, train_text), minlength=len(ckpt.vocab))
-    bias = ckpt.state_dict["decoder_bias"]
-    torch.testing.assert_close(bias, unigram_log_probs(counts))
-    torch.testing.assert_close(bias.exp().sum(), torch.tensor(1.0))
-    assert bias[counts.argmax()] == bias.max()  # the most frequent word is the most likely at the start
-    assert torch.count_nonzero(load_checkpoint(plain.out / LAST).state_dict["decoder_bias"]) == 0
-    # Word frequencies alone beat the zero bias's near-uniform start on held-out text.
-    assert started.log[0]["valid"]["perplexity"] < 0.5 * plain.log[0]["valid"]["perplexity"]
 
 
 def test_same_seed_same_weights(corpus: Path, tmp_path: Path) -> None:
