@@ -34,6 +34,19 @@ def batchify(ids: Tensor, batch_size: int) -> Tensor:
     return ids[: n * batch_size].view(batch_size, n)
 
 
+def rare_words_to_unk(ids: Tensor, counts: Tensor, alpha: float, unk_id: int, generator: torch.Generator) -> Tensor:
+    """A copy of the stream where each occurrence of a word seen c times becomes `<unk>` with probability α/(α+c).
+
+    Held-out text meets words the training text never showed, all of them `<unk>` (13.7 % of the
+    WikiText-2 quality test's tokens, against 5.3 % `<unk>` in its train portion). Rare training words
+    stand in for them: replaced now and then, they teach the model where an unknown word is likely
+    and what to make of one as input. Frequent words are almost never touched (the 1/(α+c) tail).
+    """
+    probability = alpha / (alpha + counts[ids].double())
+    replace = torch.rand(ids.shape, generator=generator, dtype=torch.float64) < probability
+    return torch.where(replace, torch.full_like(ids, unk_id), ids)
+
+
 def stream_windows(streams: Tensor, bptt: int) -> Iterator[tuple[Tensor, Tensor]]:
     """(inputs, targets) windows of at most bptt steps over (B, N) streams, in order."""
     for start in range(0, streams.shape[1] - 1, bptt):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from model.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, save_checkpoint
 from model.config import LSTMConfig
 from model.corpus import LONGRANGE, load_corpus, longrange_text
-from model.data import batchify, encode_lines, encode_stream, line_batches, stream_windows
+from model.data import batchify, encode_lines, encode_stream, line_batches, rare_words_to_unk, stream_windows
 from model.evaluate import LanguageModel, detach_state, evaluate_batches, evaluate_stream, long_range_accuracy
 from model.lm import LSTMLanguageModel, LSTMState
 from model.softmax import SampledSoftmax
@@ -78,6 +78,7 @@ class TrainConfig:
     precision: str = "fp32"
     softmax: str = "full"  # "sampled": the stream-mode training loss scores `samples` shared negatives
     samples: int = 1024
+    rare_word_unk: float = 0.0  # α: a train word seen c times becomes <unk> with probability α/(α+c), per epoch
     activation_reg: float = 0.0  # AR: weight of the mean squared top-layer output
     temporal_reg: float = 0.0  # TAR: weight of the mean squared step-to-step change of that output
     batch_size: int = 20
@@ -164,10 +165,13 @@ class _Data:
         elif cfg.mode == "stream":
             self.valid_ids = encode_stream(vocab, valid_text)
             train_ids = encode_stream(vocab, train_text)
+            self.train_ids = train_ids
             self.train_counts = torch.bincount(train_ids, minlength=len(vocab))  # (V,), the sampled softmax's q
             self.train_streams = batchify(train_ids, cfg.batch_size)
         else:
             raise ValueError(f"mode must be 'stream' or 'lines', got {cfg.mode!r}")
+        if cfg.rare_word_unk < 0 or (cfg.rare_word_unk > 0 and cfg.mode != "stream"):
+            raise ValueError(f"rare_word_unk must be >= 0 and needs stream mode, got {cfg.rare_word_unk}")
 
     def gap_max(self, epoch: int) -> int:
         """The epoch-driven curriculum's largest gap (gap_max itself when that curriculum is off)."""
@@ -181,7 +185,14 @@ class _Data:
     def train_batches(self, epoch: int, rng: random.Random, gap_max: int) -> list[tuple[Tensor, Tensor]]:
         cfg = self.cfg
         if cfg.mode == "stream":
-            return list(stream_windows(self.train_streams, cfg.bptt))
+            streams = self.train_streams
+            if cfg.rare_word_unk > 0:
+                # A fresh draw each epoch, fixed by (seed, epoch) so that --resume replays it.
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+                unk = self.vocab.unk_id
+                ids = rare_words_to_unk(self.train_ids, self.train_counts, cfg.rare_word_unk, unk, generator)
+                streams = batchify(ids, cfg.batch_size)
+            return list(stream_windows(streams, cfg.bptt))
         lines = self.train_lines
         if self.longrange:
             # Fresh episodes every epoch (no memorisation) with the curriculum's largest gap.

@@ -15,6 +15,7 @@ import torch
 
 from model.checkpoint import BEST, LAST, load_checkpoint
 from model.corpus import CorpusError, load_corpus, longrange_text
+from model.data import rare_words_to_unk
 from model.softmax import SampledSoftmax
 from model.train import TrainConfig, bf16_recurrence_supported, budget_lr, train
 
@@ -75,8 +76,9 @@ def test_loss_decreases(corpus: Path, tmp_path: Path) -> None:
         {"precision": "bf16-all", "activation_reg": 2.0, "temporal_reg": 1.0},
         {"schedule": "budget", "warmup": 0.2},
         {"embed_dropout": 0.1, "recurrent_dropout": 0.2, "optimizer": "sgd", "lr": 5.0},
+        {"rare_word_unk": 1.0},
     ],
-    ids=["sampled-softmax", "bf16", "bf16-all-ar-tar", "budget-schedule", "dropouts-sgd"],
+    ids=["sampled-softmax", "bf16", "bf16-all-ar-tar", "budget-schedule", "dropouts-sgd", "rare-word-unk"],
 )
 def test_training_levers_still_learn(corpus: Path, tmp_path: Path, levers: dict[str, Any]) -> None:
     if levers.get("precision") == "bf16-all" and not bf16_recurrence_supported():
@@ -89,6 +91,34 @@ def test_training_levers_still_learn(corpus: Path, tmp_path: Path, levers: dict[
     losses = [entry["train_loss"] for entry in result.log]
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0]
+
+
+def test_rare_words_become_unk_in_proportion_to_their_rarity() -> None:
+    unk, frequent = 0, 1
+    ids = torch.cat([torch.full((2000,), frequent), torch.arange(2, 2002)])  # one frequent word, 2000 singletons
+    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(0))]
+    counts = torch.bincount(ids)
+
+    def draw(alpha: float, seed: int) -> torch.Tensor:
+        return rare_words_to_unk(ids, counts, alpha, unk, torch.Generator().manual_seed(seed))
+
+    out = draw(1.0, 3)
+    replaced = out != ids
+    assert torch.all(out[replaced] == unk)  # a replacement is always <unk>, nothing else changes
+    singletons = ids != frequent
+    assert 0.45 < replaced[singletons].float().mean().item() < 0.55  # alpha / (alpha + 1) = 0.5
+    assert replaced[~singletons].sum().item() <= 10  # alpha / (alpha + 2000): 1 expected
+    assert torch.equal(draw(1.0, 3), out)  # fixed by the generator's seed
+    assert not torch.equal(draw(1.0, 4), out)
+    assert torch.equal(draw(0.0, 3), ids)
+    assert draw(4.0, 3).eq(unk).sum() > out.eq(unk).sum()
+
+
+def test_rare_word_unk_needs_stream_mode(corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="rare_word_unk"):
+        train(tiny_config(corpus, tmp_path, mode="lines", rare_word_unk=1.0))
+    with pytest.raises(ValueError, match="rare_word_unk"):
+        train(tiny_config(corpus, tmp_path, rare_word_unk=-1.0))
 
 
 def test_same_seed_same_weights(corpus: Path, tmp_path: Path) -> None:
