@@ -18,28 +18,11 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small LSTM trained for a few seconds on builtin:longrange with short gaps."""
-    from model.train import TrainConfig, train
+    from model.train import train
+    from tests.training import tiny_train_config
 
     out = tmp_path_factory.mktemp("tiny_run")
-    cfg = TrainConfig(
-        corpus="builtin:longrange",
-        out=str(out),
-        mode="lines",
-        embed_size=32,
-        hidden_size=32,
-        num_layers=2,
-        dropout=0.0,
-        optimizer="adamw",
-        lr=1e-2,
-        clip=1.0,
-        schedule="none",
-        batch_size=32,
-        epochs=4,
-        patience=10,
-        episodes=400,
-        gap_max=12,
-        progress=False,
-    )
+    cfg = tiny_train_config(out, embed_size=32, hidden_size=32, batch_size=32, epochs=4, episodes=400, gap_max=12)
     train(cfg)
     return out
 

@@ -24,6 +24,7 @@ from model.experiments.long_range import (
 )
 from model.lm import LSTMLanguageModel
 from model.train import TrainConfig, as_language_model, train
+from tests.training import tiny_train_config
 
 CONFIG = LSTMConfig(vocab_size=23, embed_size=8, hidden_size=8, num_layers=2, dropout=0.0)
 
@@ -106,24 +107,16 @@ def test_passes_bar_looks_only_below_the_bar_gap() -> None:
 
 
 def _tiny(out: Path, mastery: float) -> TrainConfig:
-    return TrainConfig(
-        corpus=LONGRANGE,
-        out=str(out),
-        mode="lines",
+    return tiny_train_config(
+        out,
+        embed_size=8,
         hidden_size=8,
         num_layers=1,
-        dropout=0.0,
-        optimizer="adamw",
-        lr=1e-2,
-        schedule="none",
-        epochs=3,
-        patience=10,
         episodes=40,
         batch_size=20,
         curriculum_start=5,
         curriculum_step=10,
         curriculum_mastery=mastery,
-        progress=False,
     )
 
 

@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from model.corpus import CorpusError, load_corpus, longrange_text
 from model.data import rare_words_to_unk
 from model.softmax import SampledSoftmax
 from model.train import TrainConfig, bf16_recurrence_supported, budget_lr, train
+from tests.training import tiny_train_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,27 +31,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(corpus: Path, out: Path, **overrides: Any) -> TrainConfig:
-    """A model small enough that an epoch takes a fraction of a second."""
-    cfg = TrainConfig(
-        corpus=str(corpus),
-        out=str(out),
-        embed_size=24,
-        hidden_size=24,
-        num_layers=2,
-        dropout=0.1,
-        optimizer="adamw",
-        lr=3e-2,
-        clip=1.0,
-        schedule="none",
-        batch_size=8,
-        bptt=16,
-        epochs=3,
-        patience=10,
-        seed=7,
-        threads=1,
-        progress=False,
-    )
-    return replace(cfg, **overrides)
+    """The test corpus as one stream, with dropout, a fixed seed and one thread."""
+    stream = {"corpus": str(corpus), "mode": "stream", "dropout": 0.1, "lr": 3e-2, "batch_size": 8, "bptt": 16}
+    return tiny_train_config(out, **{**stream, "seed": 7, "threads": 1, **overrides})
 
 
 def read_log(out: Path) -> list[dict[str, Any]]:
