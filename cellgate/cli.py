@@ -37,7 +37,7 @@ def _train(args: argparse.Namespace) -> int:
             split=args.split,
             min_freq=args.min_freq,
             max_vocab=args.max_vocab,
-            embed_size=args.hidden_size,
+            embed_size=args.embed_size or args.hidden_size,
             hidden_size=args.hidden_size,
             num_layers=args.layers,
             dropout=args.dropout,
@@ -49,6 +49,13 @@ def _train(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay,
             clip=args.clip,
             schedule=args.schedule,
+            warmup=args.warmup,
+            precision=args.precision,
+            softmax=args.softmax,
+            samples=args.samples,
+            rare_word_unk=args.rare_word_unk,
+            activation_reg=args.activation_reg,
+            temporal_reg=args.temporal_reg,
             batch_size=args.batch_size,
             bptt=args.bptt,
             epochs=args.epochs,
@@ -277,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-freq", type=int, default=1)
     t.add_argument("--max-vocab", type=int)
     t.add_argument("--hidden-size", type=int, default=200)
+    t.add_argument("--embed-size", type=int, help="word vector size (default: the hidden size; tying needs them equal)")
     t.add_argument("--layers", type=int, default=2)
     t.add_argument("--dropout", type=float, default=0.2)
     t.add_argument("--embed-dropout", type=float, default=0.0)
@@ -286,7 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=20.0)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--clip", type=float, default=0.25)
-    t.add_argument("--schedule", choices=["plateau", "cosine", "none"], default="plateau")
+    t.add_argument(
+        "--schedule",
+        choices=["plateau", "cosine", "budget", "none"],
+        default="plateau",
+        help="budget: cosine to zero over --max-minutes (or --epochs), per batch",
+    )
+    t.add_argument("--warmup", type=float, default=0.0, help="budget schedule: fraction of the budget warming up")
+    t.add_argument("--precision", choices=["fp32", "bf16", "bf16-all"], default="fp32")
+    t.add_argument("--softmax", choices=["full", "sampled"], default="full", help="training loss (eval: always full)")
+    t.add_argument("--samples", type=int, default=1024, help="sampled softmax: shared negatives per batch")
+    t.add_argument(
+        "--rare-word-unk", type=float, default=0.0, help="alpha: a word seen c times becomes <unk> w.p. alpha/(alpha+c)"
+    )
+    t.add_argument("--activation-reg", type=float, default=0.0, help="AR weight")
+    t.add_argument("--temporal-reg", type=float, default=0.0, help="TAR weight")
     t.add_argument("--batch-size", type=int, default=20)
     t.add_argument("--bptt", type=int, default=35)
     t.add_argument("--epochs", type=int, default=40)

@@ -145,6 +145,27 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(corpus: Path, tmp_path: Path) -> N
     assert [entry["epoch"] for entry in resumed.log] == [1, 2]
 
 
+def test_train_command_reaches_the_quality_recipe_levers(corpus: Path, tmp_path: Path) -> None:
+    """`cellgate train` can express the quality benchmark's recipe: each lever lands in the checkpoint's config."""
+    flags = {
+        "--hidden-size": "24", "--embed-size": "24", "--layers": "1", "--dropout": "0.3", "--embed-dropout": "0.05",
+        "--recurrent-dropout": "0.15", "--lr": "20", "--batch-size": "10", "--schedule": "budget", "--warmup": "0.1",
+        "--precision": "fp32", "--softmax": "sampled", "--samples": "64", "--rare-word-unk": "1",
+        "--activation-reg": "2", "--temporal-reg": "1", "--epochs": "1", "--seed": "3",
+    }  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "cellgate.cli", "train", "--corpus", str(corpus), "--out", str(tmp_path), "--quiet",
+         *[part for pair in flags.items() for part in pair]],
+        capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    config = load_checkpoint(tmp_path / LAST).train_config
+    for flag, value in flags.items():
+        key = flag.removeprefix("--").replace("-", "_")
+        key = {"layers": "num_layers"}.get(key, key)
+        assert str(config[key]) == value or config[key] == float(value), key
+
+
 def test_eval_command_prints_metrics(corpus: Path, tmp_path: Path) -> None:
     train(tiny_config(corpus, tmp_path, epochs=1))
     done = subprocess.run(
