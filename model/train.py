@@ -211,8 +211,8 @@ class _Data:
 def bf16_native() -> bool:
     """Whether oneDNN computes bfloat16 with this CPU's own instructions (AVX-512 and newer).
 
-    Without them (AVX2 alone) bfloat16 autocast still runs, emulated: a 2 x 400 training step is
-    about 4x slower than in fp32, so reduced precision buys nothing there.
+    Without them (AVX2 alone) bfloat16 autocast still runs, emulated and far slower than fp32: the
+    quality bench's reference shape trains at 205 tokens/s with a bf16 decoder against 4,587 in fp32.
     """
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(check()) if check is not None else False

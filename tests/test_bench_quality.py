@@ -1,0 +1,54 @@
+"""The training-quality bench on a generated corpus: its protocol split, its report and its precision choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import train_quality
+from model.corpus import longrange_text
+from model.train import bf16_native
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("quality") / "valid.txt"
+    path.write_text(longrange_text(seed=1, episodes=300, gap_min=0, gap_max=4), encoding="utf-8")
+    return path
+
+
+def run_bench(data: Path, out: Path, *extra: str) -> dict:
+    small = ["hidden_size=16", "embed_size=16", "samples=16", "batch_size=4"]
+    argv = ["--data", str(data), "--run-dir", str(out / "run"), "--out", str(out / "report.json"), "--quiet"]
+    argv += ["--max-minutes", "0.03", *[arg for pair in small for arg in ("--set", pair)], *extra]
+    assert train_quality.main(argv) == 0
+    return json.loads((out / "report.json").read_text(encoding="utf-8"))
+
+
+def test_report_follows_the_protocol(data: Path, tmp_path: Path) -> None:
+    report = run_bench(data, tmp_path)
+    lines = data.read_text(encoding="utf-8").splitlines()
+    split = {name: (tmp_path / "run" / "data" / f"{name}.txt").read_text().splitlines() for name in ("train", "test")}
+    assert split["train"] == lines[: int(len(lines) * 0.9)]
+    assert split["test"] == lines[int(len(lines) * 0.95) :]
+    assert report["config"]["lowercase"] is False
+    assert report["config"]["split"] == "whitespace"
+    assert report["overrides"]["hidden_size"] == 16
+    # Scored as 10 parallel streams (the PyTorch example's eval batch): each stream's last token has no target.
+    assert report["test"]["tokens"] == 10 * (report["data"]["test_tokens"] // 10 - 1) > 0
+    assert 1.0 < report["test"]["perplexity"] < report["data"]["vocab_size"] * 2
+
+
+def test_recipe_precision_adapts_to_the_cpu_but_an_explicit_one_is_kept(data: Path, tmp_path: Path) -> None:
+    recipe = run_bench(data, tmp_path / "recipe")  # BEST asks for bf16-all
+    if bf16_native():
+        assert recipe["precision_fallback"] is None or "bf16-all -> bf16" in recipe["precision_fallback"]
+        assert recipe["config"]["precision"] in ("bf16-all", "bf16")
+    else:
+        assert recipe["precision_fallback"] == "bf16-all -> fp32: this CPU has no native bfloat16"
+        assert recipe["config"]["precision"] == "fp32"
+    explicit = run_bench(data, tmp_path / "explicit", "--set", "precision=bf16")
+    assert explicit["precision_fallback"] is None
+    assert explicit["config"]["precision"] == "bf16"
