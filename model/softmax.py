@@ -35,8 +35,8 @@ class SampledSoftmax:
         # One gather for targets and negatives: its backward scatters into one (V, H) gradient, where two
         # gathers would each zero-fill and accumulate a (V, H) buffer (a sixth of a training step).
         n = targets.shape[0]
-        rows = weight[torch.cat([targets, negatives])]  # (N + S, H)
-        row_bias = bias[torch.cat([targets, negatives])]
+        words = torch.cat([targets, negatives])  # (N + S,)
+        rows, row_bias = weight[words], bias[words]  # (N + S, H), (N + S,)
         true_logit = (outputs * rows[:n]).sum(-1) + row_bias[:n]  # (N,)
         sampled_logits = outputs @ rows[n:].t() + row_bias[n:]  # (N, S)
         sampled_logits = sampled_logits - self.log_expected[negatives]
