@@ -170,8 +170,6 @@ class _Data:
             self.train_streams = batchify(train_ids, cfg.batch_size)
         else:
             raise ValueError(f"mode must be 'stream' or 'lines', got {cfg.mode!r}")
-        if cfg.rare_word_unk < 0 or (cfg.rare_word_unk > 0 and cfg.mode != "stream"):
-            raise ValueError(f"rare_word_unk must be >= 0 and needs stream mode, got {cfg.rare_word_unk}")
 
     def gap_max(self, epoch: int) -> int:
         """The epoch-driven curriculum's largest gap (gap_max itself when that curriculum is off)."""
@@ -296,6 +294,8 @@ def train(
         sampler = SampledSoftmax(data.train_counts, cfg.samples)
     elif cfg.softmax != "full":
         raise ValueError(f"softmax must be 'full' or 'sampled', got {cfg.softmax!r}")
+    if cfg.rare_word_unk < 0 or (cfg.rare_word_unk > 0 and cfg.mode != "stream"):
+        raise ValueError(f"rare_word_unk must be >= 0 and needs stream mode, got {cfg.rare_word_unk}")
     if cfg.precision not in ("fp32", "bf16", "bf16-all"):
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'bf16-all', got {cfg.precision!r}")
     if cfg.precision == "bf16-all" and not bf16_recurrence_supported():
