@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from model.cell import GateActivations, LSTMLayer
+from model.cell import GateActivations, LSTMLayer, dropout_mask
 from model.config import LSTMConfig
 
 
@@ -35,15 +35,17 @@ def locked_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Variational dropout: one mask per sequence, shared across time steps. x is (B, T, D)."""
     if not training or p == 0.0:
         return x
-    mask = x.new_empty(x.shape[0], 1, x.shape[2]).bernoulli_(1 - p) / (1 - p)
-    return x * mask
+    return x * dropout_mask((x.shape[0], 1, x.shape[2]), p, x.dtype)
 
 
 class LSTMLanguageModel(nn.Module):
-    def __init__(self, config: LSTMConfig, recurrent_dropout: float = 0.0) -> None:
+    def __init__(self, config: LSTMConfig, recurrent_dropout: float = 0.0, sparse_grad: bool = False) -> None:
         super().__init__()
         self.config = config
         self.recurrent_dropout = recurrent_dropout  # training-time regulariser, not part of the model
+        # Training-time too: the embedding lookup's gradient is row-sparse (only the batch's words), which
+        # pays off when nothing else gives the (V, E) matrix a dense gradient (a sampled softmax, SGD).
+        self.sparse_grad = sparse_grad
         self.embedding = nn.Embedding(config.vocab_size, config.embed_size)
         sizes = [config.embed_size] + [config.hidden_size] * config.num_layers
         self.layers: nn.ModuleList = nn.ModuleList(LSTMLayer(sizes[i], sizes[i + 1]) for i in range(config.num_layers))
@@ -62,13 +64,13 @@ class LSTMLanguageModel(nn.Module):
 
     def _embed(self, tokens: Tensor) -> Tensor:
         weight = self.embedding.weight
-        embedded = nn.functional.embedding(tokens, weight)  # (B, T, E)
+        embedded = nn.functional.embedding(tokens, weight, sparse=self.sparse_grad)  # (B, T, E)
         if self.training and self.config.embed_dropout > 0:
             # Drop whole word types (Gal & Ghahramani), rescaling the survivors. One keep factor per
             # type, applied to the looked-up rows: the same as scaling the (V, E) matrix before the
             # lookup, without touching all V rows forward and backward every batch.
             p = self.config.embed_dropout
-            keep = weight.new_empty(weight.shape[0]).bernoulli_(1 - p) / (1 - p)
+            keep = dropout_mask((weight.shape[0],), p, weight.dtype)
             embedded = embedded * keep[tokens].unsqueeze(-1)
         return embedded
 

@@ -29,14 +29,18 @@ class SampledSoftmax:
         self.samples = samples
         self.log_expected = torch.log(self.probs * samples)  # (V,)
 
-    def loss(self, outputs: Tensor, targets: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        """Mean loss of outputs (N, H) for targets (N,) against decoder weight (V, H) and bias (V,)."""
+    def loss(self, outputs: Tensor, targets: Tensor, weight: Tensor, bias: Tensor, sparse_grad: bool = False) -> Tensor:
+        """Mean loss of outputs (N, H) for targets (N,) against decoder weight (V, H) and bias (V,).
+
+        With sparse_grad the weight's gradient is row-sparse: only the N + S gathered rows.
+        """
         negatives = torch.multinomial(self.probs, self.samples, replacement=True)  # (S,)
         # One gather for targets and negatives: its backward scatters into one (V, H) gradient, where two
         # gathers would each zero-fill and accumulate a (V, H) buffer (a sixth of a training step).
         n = targets.shape[0]
         words = torch.cat([targets, negatives])  # (N + S,)
-        rows, row_bias = weight[words], bias[words]  # (N + S, H), (N + S,)
+        rows = nn.functional.embedding(words, weight, sparse=sparse_grad)  # (N + S, H)
+        row_bias = bias[words]  # (N + S,)
         true_logit = (outputs * rows[:n]).sum(-1) + row_bias[:n]  # (N,)
         sampled_logits = outputs @ rows[n:].t() + row_bias[n:]  # (N, S)
         sampled_logits = sampled_logits - self.log_expected[negatives]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ import torch
 from model.checkpoint import BEST, LAST, load_checkpoint
 from model.corpus import CorpusError, load_corpus, longrange_text
 from model.data import rare_words_to_unk
+from model.lm import LSTMLanguageModel
 from model.softmax import SampledSoftmax
-from model.train import TrainConfig, bf16_recurrence_supported, budget_lr, train
+from model.train import TrainConfig, _Data, _train_epoch, bf16_recurrence_supported, budget_lr, clip_grad_norm, train
 from tests.training import tiny_train_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -245,3 +247,49 @@ class TestCorpusErrors:
         path.write_bytes(b"\xff\xfe\xfa broken\n")
         with pytest.raises(CorpusError):
             train(TrainConfig(corpus=str(path), out=str(tmp_path / "out"), progress=False))
+
+
+def test_clip_grad_norm_matches_torch_for_dense_and_sparse_gradients() -> None:
+    """The total norm and the clipped gradients equal torch's on the dense equivalent, rows gathered twice too."""
+    torch.manual_seed(0)
+    table, other = torch.randn(30, 4, requires_grad=True), torch.randn(4, 4, requires_grad=True)
+    ids = torch.tensor([3, 7, 7, 29, 3, 0])
+
+    def backward(sparse: bool) -> None:
+        table.grad = other.grad = None
+        rows = torch.nn.functional.embedding(ids, table, sparse=sparse)
+        ((rows @ other) ** 2).sum().backward()
+
+    backward(sparse=False)
+    expected_norm = torch.nn.utils.clip_grad_norm_([table, other], 0.5)
+    expected = (table.grad.clone(), other.grad.clone())
+    for sparse in (False, True):
+        backward(sparse)
+        assert table.grad.is_sparse == sparse
+        norm = clip_grad_norm([table, other], 0.5)
+        assert float(norm) == pytest.approx(float(expected_norm), rel=1e-6)
+        assert float(norm) > 0.5  # the case under test is one that clips
+        assert torch.allclose(table.grad.to_dense(), expected[0], atol=1e-7)
+        assert torch.allclose(other.grad, expected[1], atol=1e-7)
+
+
+def test_sparse_embedding_gradients_train_as_dense_ones(corpus: Path, tmp_path: Path) -> None:
+    """SGD with a sampled softmax updates only the rows a batch touches: the same parameters as dense gradients."""
+    cfg = tiny_config(corpus, tmp_path, softmax="sampled", samples=16, optimizer="sgd", lr=5.0, clip=0.25)
+    data = _Data(cfg, None)
+    batches = data.train_batches(1, random.Random(0), cfg.gap_max)[:12]
+    sampler = SampledSoftmax(data.train_counts, cfg.samples)
+    trained = []
+    for sparse in (False, True):
+        torch.manual_seed(5)
+        model = LSTMLanguageModel(cfg.model_config(len(data.vocab)), sparse_grad=sparse)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        before = model.embedding.weight.detach().clone()
+        _train_epoch(model, optimizer, batches, cfg, data.vocab.pad_id, 1, None, sampler)
+        assert model.embedding.weight.grad is not None
+        assert model.embedding.weight.grad.is_sparse == sparse
+        trained.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    dense, sparse_run = trained
+    assert not torch.equal(dense["embedding.weight"], before)  # the runs did train
+    for name, value in dense.items():
+        assert torch.allclose(sparse_run[name], value, atol=1e-5), name
