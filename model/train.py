@@ -438,7 +438,9 @@ def train(
             save_checkpoint(out / LAST, snapshot(epoch, {"valid": valid, "epoch": epoch}, with_resume=True))
             if on_epoch is not None:
                 on_epoch(entry)
-            if stats["stopped_early"] or stale >= cfg.patience:
+            # Past the budget now (its validation may be what crossed it): a new epoch would train one batch.
+            out_of_time = deadline is not None and time.monotonic() >= deadline
+            if stats["stopped_early"] or out_of_time or stale >= cfg.patience:
                 break
             if data.longrange and cfg.target_accuracy is not None and entry["gap_max"] >= cfg.gap_max:
                 near = [v["accuracy"] for k, v in entry["long_range"].items() if int(k.split("-")[0]) < 60]
@@ -527,7 +529,9 @@ def _train_epoch(
     stopped_early = False
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not cfg.progress, leave=False)
     for index, (inputs, targets) in enumerate(bar):
-        if deadline is not None and time.monotonic() >= deadline:
+        # Every epoch trains at least one batch: an epoch of none would log a loss of 0 and a budget too
+        # small for one batch would leave an untrained checkpoint.
+        if deadline is not None and index > 0 and time.monotonic() >= deadline:
             stopped_early = True
             break
         if progress is not None:

@@ -293,3 +293,15 @@ def test_sparse_embedding_gradients_train_as_dense_ones(corpus: Path, tmp_path: 
     assert not torch.equal(dense["embedding.weight"], before)  # the runs did train
     for name, value in dense.items():
         assert torch.allclose(sparse_run[name], value, atol=1e-5), name
+
+
+def test_a_budget_smaller_than_one_batch_still_trains_one(corpus: Path, tmp_path: Path) -> None:
+    """The budget ends training after the batch that crosses it: one epoch, one batch, a real loss, a checkpoint."""
+    cfg = tiny_config(corpus, tmp_path, epochs=5, max_minutes=1e-7, schedule="budget")
+    result = train(cfg)
+    assert result.epochs_run == 1
+    (entry,) = read_log(tmp_path)
+    assert entry["train_loss"] > 0
+    assert math.isfinite(entry["train_loss"])
+    assert load_checkpoint(tmp_path / BEST).epoch == 1
+    assert result.tokens_per_second > 0
