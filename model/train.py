@@ -79,7 +79,6 @@ class TrainConfig:
     softmax: str = "full"  # "sampled": the stream-mode training loss scores `samples` shared negatives
     samples: int = 1024
     rare_word_unk: float = 0.0  # α: a train word seen c times becomes <unk> with probability α/(α+c), per epoch
-    shift_windows: bool = False  # each epoch starts the stream a random 0..bptt-1 tokens in
     activation_reg: float = 0.0  # AR: weight of the mean squared top-layer output
     temporal_reg: float = 0.0  # TAR: weight of the mean squared step-to-step change of that output
     batch_size: int = 20
@@ -184,18 +183,14 @@ class _Data:
     def train_batches(self, epoch: int, rng: random.Random, gap_max: int) -> list[tuple[Tensor, Tensor]]:
         cfg = self.cfg
         if cfg.mode == "stream":
-            if cfg.rare_word_unk <= 0 and not cfg.shift_windows:
-                return list(stream_windows(self.train_streams, cfg.bptt))
-            # Fresh draws each epoch, fixed by (seed, epoch) so that --resume replays them.
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            ids = self.train_ids
+            streams = self.train_streams
             if cfg.rare_word_unk > 0:
+                # A fresh draw each epoch, fixed by (seed, epoch) so that --resume replays it.
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
                 unk = self.vocab.unk_id
-                ids = rare_words_to_unk(ids, self.train_counts, cfg.rare_word_unk, unk, generator)
-            if cfg.shift_windows:
-                # Start 0..bptt-1 tokens in: the windows' edges, where backpropagation is cut, move every epoch.
-                ids = ids[int(torch.randint(cfg.bptt, (1,), generator=generator)) :]
-            return list(stream_windows(batchify(ids, cfg.batch_size), cfg.bptt))
+                ids = rare_words_to_unk(self.train_ids, self.train_counts, cfg.rare_word_unk, unk, generator)
+                streams = batchify(ids, cfg.batch_size)
+            return list(stream_windows(streams, cfg.bptt))
         lines = self.train_lines
         if self.longrange:
             # Fresh episodes every epoch (no memorisation) with the curriculum's largest gap.
