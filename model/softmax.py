@@ -35,8 +35,8 @@ class SampledSoftmax:
         With sparse_grad the weight's gradient is row-sparse: only the N + S gathered rows.
         """
         negatives = torch.multinomial(self.probs, self.samples, replacement=True)  # (S,)
-        # One gather for targets and negatives: its backward scatters into one (V, H) gradient, where two
-        # gathers would each zero-fill and accumulate a (V, H) buffer (a sixth of a training step).
+        # One gather for targets and negatives: its backward builds one gradient (dense (V, H), or the gathered
+        # rows when sparse), where two gathers would each zero-fill and accumulate a (V, H) buffer.
         n = targets.shape[0]
         words = torch.cat([targets, negatives])  # (N + S,)
         rows = nn.functional.embedding(words, weight, sparse=sparse_grad)  # (N + S, H)

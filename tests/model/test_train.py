@@ -61,8 +61,18 @@ def test_loss_decreases(corpus: Path, tmp_path: Path) -> None:
         {"schedule": "budget", "warmup": 0.2},
         {"embed_dropout": 0.1, "recurrent_dropout": 0.2, "optimizer": "sgd", "lr": 5.0},
         {"rare_word_unk": 1.0},
+        # SGD with the sampled softmax: row-sparse gradients for the tied matrix, here under bf16 autocast.
+        {"softmax": "sampled", "samples": 16, "optimizer": "sgd", "lr": 5.0, "precision": "bf16"},
     ],
-    ids=["sampled-softmax", "bf16", "bf16-all-ar-tar", "budget-schedule", "dropouts-sgd", "rare-word-unk"],
+    ids=[
+        "sampled-softmax",
+        "bf16",
+        "bf16-all-ar-tar",
+        "budget-schedule",
+        "dropouts-sgd",
+        "rare-word-unk",
+        "sparse-sgd-sampled-bf16",
+    ],
 )
 def test_training_levers_still_learn(corpus: Path, tmp_path: Path, levers: dict[str, Any]) -> None:
     if levers.get("precision") == "bf16-all" and not bf16_recurrence_supported():
