@@ -187,14 +187,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = ckpt.build_model()
     test_ids = encode_stream(ckpt.vocab, portions["test"])
     valid_ids = encode_stream(ckpt.vocab, portions["valid"])
-    test = evaluate_stream(model, test_ids)
+    test = evaluate_stream(model, test_ids, unk_id=ckpt.vocab.unk_id)
     report: dict[str, Any] = {
         "recipe": recipe_name,
         "overrides": overrides,
         "precision_fallback": precision_fallback,
         "throughput_only": args.throughput,
         "test": test,
-        "valid": evaluate_stream(model, valid_ids),
+        "valid": evaluate_stream(model, valid_ids, unk_id=ckpt.vocab.unk_id),
         "best_epoch": ckpt.epoch,
         "epochs_run": result.epochs_run,
         "train_wall_seconds": round(train_wall, 1),

@@ -126,7 +126,7 @@ def _eval(args: argparse.Namespace) -> int:
     except CorpusError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metrics = evaluate_stream(ckpt.build_model(), encode_stream(ckpt.vocab, text))
+    metrics = evaluate_stream(ckpt.build_model(), encode_stream(ckpt.vocab, text), unk_id=ckpt.vocab.unk_id)
     metrics["vocab_size"] = len(ckpt.vocab)
     print(json.dumps(metrics, indent=2))
     return 0

@@ -33,13 +33,21 @@ def detach_state(state: Any) -> Any:
 
 
 class Tally:
-    """Running sums for loss, top-1 and top-5 over non-padding targets."""
+    """Running sums for loss, top-1 and top-5 over non-padding targets.
 
-    def __init__(self) -> None:
+    With unk_id, also how much of the loss falls on `<unk>` targets: held-out text is often rich in
+    words the vocabulary lacks, and this separates "the model is bad at words" from "the text is
+    full of unknown ones".
+    """
+
+    def __init__(self, unk_id: int | None = None) -> None:
         self.nll = 0.0
         self.top1 = 0
         self.top5 = 0
         self.tokens = 0
+        self.unk_id = unk_id
+        self.unk_nll = 0.0
+        self.unk_tokens = 0
 
     def add(self, logits: Tensor, targets: Tensor, ignore_id: int | None = None) -> None:
         flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*T, V)
@@ -49,7 +57,12 @@ class Tally:
             flat_logits, flat_targets = flat_logits[keep], flat_targets[keep]
         if flat_targets.numel() == 0:
             return
-        self.nll += nn.functional.cross_entropy(flat_logits, flat_targets, reduction="sum").item()
+        nll = nn.functional.cross_entropy(flat_logits, flat_targets, reduction="none")  # (N,)
+        self.nll += nll.sum().item()
+        if self.unk_id is not None:
+            unk = flat_targets == self.unk_id
+            self.unk_nll += nll[unk].sum().item()
+            self.unk_tokens += int(unk.sum())
         top5 = flat_logits.topk(min(5, flat_logits.shape[-1]), dim=-1).indices
         hits = top5 == flat_targets.unsqueeze(-1)
         self.top1 += int(hits[:, 0].sum())
@@ -59,22 +72,33 @@ class Tally:
     def metrics(self) -> dict[str, float]:
         n = max(self.tokens, 1)
         loss = self.nll / n
-        return {
+        metrics = {
             "loss": loss,
             "perplexity": math.exp(min(loss, 50.0)),
             "top1": self.top1 / n,
             "top5": self.top5 / n,
             "tokens": self.tokens,
         }
+        if self.unk_id is not None:
+            known = self.tokens - self.unk_tokens
+            metrics["unk_targets"] = self.unk_tokens / n  # share of scored targets that are <unk>
+            metrics["unk_loss_share"] = self.unk_nll / self.nll if self.nll > 0 else 0.0
+            metrics["perplexity_known"] = math.exp(min((self.nll - self.unk_nll) / max(known, 1), 50.0))
+        return metrics
 
 
 @torch.no_grad()
-def evaluate_stream(model: LanguageModel, ids: Tensor, batch_size: int = 10, bptt: int = 70) -> dict[str, float]:
-    """Metrics over a token stream, carrying state across windows as the service would."""
+def evaluate_stream(
+    model: LanguageModel, ids: Tensor, batch_size: int = 10, bptt: int = 70, unk_id: int | None = None
+) -> dict[str, float]:
+    """Metrics over a token stream, carrying state across windows as the service would.
+
+    With unk_id the metrics add `unk_targets`, `unk_loss_share` and `perplexity_known` (see Tally).
+    """
     model.eval()
     streams = batchify(ids, min(batch_size, max(1, ids.numel() // 2)))
     state = model.zero_state(streams.shape[0])
-    tally = Tally()
+    tally = Tally(unk_id)
     for inputs, targets in stream_windows(streams, bptt):
         logits, state = model(inputs, state)
         tally.add(logits, targets)

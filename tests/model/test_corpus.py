@@ -319,6 +319,21 @@ def test_tally_arithmetic() -> None:
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
 
 
+def test_tally_splits_the_loss_on_unk_targets() -> None:
+    """With unk_id, the <unk> targets' share of tokens and of the loss, and the perplexity of the rest."""
+    logits = -torch.arange(7.0).expand(1, 4, 7)  # word j costs j + log Z
+    log_z = math.log(sum(math.exp(-j) for j in range(7)))
+    tally = Tally(unk_id=1)
+    tally.add(logits, torch.tensor([[1, 1, 3, 6]]))
+    metrics = tally.metrics()
+    unk_nll, known_nll = 2 * (1 + log_z), (3 + log_z) + (6 + log_z)
+    assert metrics["unk_targets"] == pytest.approx(0.5)
+    assert metrics["unk_loss_share"] == pytest.approx(unk_nll / (unk_nll + known_nll), rel=1e-6)
+    assert metrics["perplexity_known"] == pytest.approx(math.exp(known_nll / 2), rel=1e-6)
+    assert metrics["perplexity"] == pytest.approx(math.exp((unk_nll + known_nll) / 4), rel=1e-6)
+    assert "unk_targets" not in Tally().metrics()  # without unk_id the metrics are the plain ones
+
+
 def test_tally_top5_with_fewer_than_five_words_and_perplexity_cap() -> None:
     tally = Tally()
     tally.add(torch.tensor([[[0.0, 1000.0, 0.0]]]), torch.tensor([[0]]))

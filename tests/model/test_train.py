@@ -194,6 +194,8 @@ def test_eval_command_prints_metrics(corpus: Path, tmp_path: Path) -> None:
     assert metrics["perplexity"] > 1.0
     assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
     assert metrics["tokens"] > 0
+    assert 0.0 <= metrics["unk_targets"] <= 1.0
+    assert metrics["perplexity_known"] > 1.0
     assert metrics["vocab_size"] == len(load_checkpoint(tmp_path / BEST).vocab)
 
 
