@@ -12,6 +12,7 @@ Protocol (fixed, whatever the recipe):
     python -m bench.train_quality --recipe reference --out bench/results/train_quality_reference.json
     python -m bench.train_quality --recipe best --set dropout=0.3 --set softmax=full   # one lever changed
     python -m bench.train_quality --throughput --out bench/results/train_throughput.json
+    python -m bench.train_quality --profile 60 --out bench/results/train_profile.txt   # where a step's time goes
 
 Figures on a shared 2-core machine are noisy: the JSON records the load average before and after.
 """
@@ -26,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
 SPLITS = (("train", 0.0, 0.90), ("valid", 0.90, 0.95), ("test", 0.95, 1.0))
@@ -120,14 +121,19 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train one recipe under the protocol and score it on the test portion."""
-    import torch
+class Setup(NamedTuple):
+    """A recipe resolved for this run: its training config and what the report says about it."""
 
-    from model.checkpoint import load_checkpoint
-    from model.data import encode_stream
-    from model.evaluate import evaluate_stream
-    from model.train import TrainConfig, bf16_native, bf16_recurrence_supported, train
+    cfg: Any  # model.train.TrainConfig (imported lazily, as torch is)
+    recipe_name: str
+    overrides: dict[str, Any]
+    precision_fallback: str | None
+    portions: dict[str, str]
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """The recipe, its overrides and the CPU's precision fallback, as a TrainConfig on the protocol's split."""
+    from model.train import TrainConfig, bf16_native, bf16_recurrence_supported
 
     # Training speed alone is timed on the reference recipe (2 x 200, batch 20, bptt 35, full softmax, fp32),
     # whatever --recipe says, so the figure stays comparable with the PyTorch example's.
@@ -155,7 +161,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         recipe.update(epochs=1, patience=1)
         minutes = args.max_minutes if args.max_minutes is not None else 1.0
 
-    run_dir = Path(args.run_dir or f"runs/train_quality/{'throughput' if args.throughput else recipe_name}")
+    # A profile writes no checkpoint but must not clear a trained run's either.
+    kind = "throughput" if args.throughput else "profile" if args.profile else recipe_name
+    run_dir = Path(args.run_dir or f"runs/train_quality/{kind}")
     data_dir = run_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     portions = split_lines(Path(args.data))
@@ -177,6 +185,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.quiet,
         **recipe,
     )
+    return Setup(cfg, recipe_name, overrides, precision_fallback, portions)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train one recipe under the protocol and score it on the test portion."""
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from model.data import encode_stream
+    from model.evaluate import evaluate_stream
+    from model.train import train
+
+    cfg, recipe_name, overrides, precision_fallback, portions = setup(args)
+    run_dir, minutes = Path(cfg.out), cfg.max_minutes
     load_before = os.getloadavg()
     started = time.monotonic()
     result = train(cfg)
@@ -232,6 +254,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def profile(args: argparse.Namespace) -> str:
+    """Where a training step of the recipe goes: time per step and the ops by self CPU time."""
+    from model.train import profile_steps
+
+    cfg = setup(args).cfg
+    seconds, ops = profile_steps(cfg, args.profile)
+    tokens = cfg.batch_size * cfg.bptt
+    label = " ".join([args.recipe, *args.set])
+    head = (
+        f"{label}: {seconds * 1000:.1f} ms per step of {tokens} tokens "
+        f"({tokens / seconds:.0f} tokens/s under the profiler), {args.profile} steps, {cfg.threads} threads"
+    )
+    table: str = ops.table(sort_by="self_cpu_time_total", row_limit=20)  # type: ignore[no-untyped-call]
+    return head + "\n" + table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="best")
@@ -246,7 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", help="checkpoints and split files (default runs/train_quality/RECIPE)")
     parser.add_argument("--out", help="write the JSON report here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--profile", type=int, metavar="STEPS", help="no run: profile STEPS training steps (after 20 warm-up steps)"
+    )
     args = parser.parse_args(argv)
+    if args.profile:
+        text = profile(args)
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n", encoding="utf-8")
+        return 0
 
     report = run(args)
     test = report["test"]

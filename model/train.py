@@ -23,6 +23,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.autograd.profiler_util import EventList
 from tqdm import tqdm
 
 from model.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, save_checkpoint
@@ -289,6 +290,55 @@ def mastered(long_range: dict[str, dict[str, float]], gap_max: int, threshold: f
     return bool(below) and min(below) >= threshold
 
 
+def _training_parts(
+    cfg: TrainConfig, data: _Data, model_factory: ModelFactory | None
+) -> tuple[nn.Module, torch.optim.Optimizer, SampledSoftmax | None]:
+    """The model, its optimizer and the sampled softmax (or None) that cfg trains with."""
+    model_config = cfg.model_config(len(data.vocab))
+    model: nn.Module
+    if model_factory is None:
+        # With a sampled softmax and plain SGD the tied (V, H) matrix gets gradient in only the batch's rows
+        # (its inputs, targets and negatives): sparse gradients skip zero-filling, clipping and updating all
+        # V rows every step, a seventh of a 2 x 300 step. AdamW's moments need every row.
+        sparse = cfg.optimizer == "sgd" and cfg.softmax == "sampled"
+        model = LSTMLanguageModel(model_config, recurrent_dropout=cfg.recurrent_dropout, sparse_grad=sparse)
+    else:
+        model = model_factory(model_config)
+    optimizer = _make_optimizer(cfg, model)
+    sampler = None
+    if cfg.softmax == "sampled":
+        if cfg.mode != "stream":
+            raise ValueError("the sampled softmax is for stream mode")
+        sampler = SampledSoftmax(data.train_counts, cfg.samples)
+    elif cfg.softmax != "full":
+        raise ValueError(f"softmax must be 'full' or 'sampled', got {cfg.softmax!r}")
+    return model, optimizer, sampler
+
+
+def profile_steps(cfg: TrainConfig, steps: int, warmup: int = 20) -> tuple[float, EventList]:
+    """Seconds per training step of cfg, and torch.profiler's per-op averages over `steps` steps.
+
+    The steps are the first epoch's batches after `warmup` untimed ones, run by the code train() runs
+    (model, optimizer, loss, clipping, update) at cfg's constant lr: where a step's time goes.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
+    seed_everything(cfg.seed)
+    data = _Data(cfg, None)
+    model, optimizer, sampler = _training_parts(cfg, data, None)
+    batches = data.train_batches(1, random.Random(cfg.seed), data.gap_max(1))
+    if len(batches) < warmup + steps:
+        raise ValueError(f"the corpus gives {len(batches)} batches, fewer than {warmup} + {steps}")
+    pad = data.vocab.pad_id
+    _train_epoch(model, optimizer, batches[:warmup], cfg, pad, 1, None, sampler)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        started = time.perf_counter()
+        _train_epoch(model, optimizer, batches[warmup : warmup + steps], cfg, pad, 1, None, sampler)
+        seconds = time.perf_counter() - started
+    return seconds / steps, profiler.key_averages()
+
+
 def train(
     cfg: TrainConfig,
     resume: bool = False,
@@ -305,24 +355,8 @@ def train(
     seed_everything(cfg.seed)
     data = _Data(cfg, previous.vocab if previous else None)
     model_config = cfg.model_config(len(data.vocab))
-    model: nn.Module
-    if model_factory is None:
-        # With a sampled softmax and plain SGD the tied (V, H) matrix gets gradient in only the batch's rows
-        # (its inputs, targets and negatives): sparse gradients skip zero-filling, clipping and updating all
-        # V rows every step, a seventh of a 2 x 300 step. AdamW's moments need every row.
-        sparse = cfg.optimizer == "sgd" and cfg.softmax == "sampled"
-        model = LSTMLanguageModel(model_config, recurrent_dropout=cfg.recurrent_dropout, sparse_grad=sparse)
-    else:
-        model = model_factory(model_config)
+    model, optimizer, sampler = _training_parts(cfg, data, model_factory)
     lm = as_language_model(model)
-    optimizer = _make_optimizer(cfg, model)
-    sampler = None
-    if cfg.softmax == "sampled":
-        if cfg.mode != "stream":
-            raise ValueError("the sampled softmax is for stream mode")
-        sampler = SampledSoftmax(data.train_counts, cfg.samples)
-    elif cfg.softmax != "full":
-        raise ValueError(f"softmax must be 'full' or 'sampled', got {cfg.softmax!r}")
     if cfg.rare_word_unk < 0 or (cfg.rare_word_unk > 0 and cfg.mode != "stream"):
         raise ValueError(f"rare_word_unk must be >= 0 and needs stream mode, got {cfg.rare_word_unk}")
     if cfg.precision not in ("fp32", "bf16", "bf16-all"):

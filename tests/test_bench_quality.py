@@ -52,3 +52,17 @@ def test_recipe_precision_adapts_to_the_cpu_but_an_explicit_one_is_kept(data: Pa
     explicit = run_bench(data, tmp_path / "explicit", "--set", "precision=bf16")
     assert explicit["precision_fallback"] is None
     assert explicit["config"]["precision"] == "bf16"
+
+
+def test_profile_times_the_recipe_step_and_lists_its_ops(data: Path, tmp_path: Path) -> None:
+    """`--profile N` times N steps of the recipe and prints torch.profiler's table of its ops."""
+    out = tmp_path / "profile.txt"
+    argv = ["--data", str(data), "--run-dir", str(tmp_path / "run"), "--out", str(out), "--profile", "3", "--quiet"]
+    argv += ["--set", "hidden_size=16", "--set", "embed_size=16", "--set", "samples=16", "--set", "batch_size=4"]
+    argv += ["--set", "bptt=5"]  # the generated corpus must hold 20 warm-up + 3 profiled batches
+    assert train_quality.main(argv) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "ms per step of 20 tokens" in text
+    assert "Self CPU" in text
+    assert "aten::mm" in text
+    assert not (tmp_path / "run" / "best.pt").exists()  # a profile trains nothing to keep

@@ -18,7 +18,16 @@ from model.corpus import CorpusError, load_corpus, longrange_text
 from model.data import rare_words_to_unk
 from model.lm import LSTMLanguageModel
 from model.softmax import SampledSoftmax
-from model.train import TrainConfig, _Data, _train_epoch, bf16_recurrence_supported, budget_lr, clip_grad_norm, train
+from model.train import (
+    TrainConfig,
+    _Data,
+    _train_epoch,
+    bf16_recurrence_supported,
+    budget_lr,
+    clip_grad_norm,
+    profile_steps,
+    train,
+)
 from tests.training import tiny_train_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -317,3 +326,16 @@ def test_a_budget_smaller_than_one_batch_still_trains_one(corpus: Path, tmp_path
     assert math.isfinite(entry["train_loss"])
     assert load_checkpoint(tmp_path / BEST).epoch == 1
     assert result.tokens_per_second > 0
+
+
+@pytest.mark.parametrize(("optimizer", "sparse"), [("sgd", True), ("adamw", False)])
+def test_profile_steps_runs_the_training_step(corpus: Path, tmp_path: Path, optimizer: str, sparse: bool) -> None:
+    """The profiled step is train()'s: with SGD and the sampled softmax its gradients are row-sparse."""
+    cfg = tiny_config(corpus, tmp_path, softmax="sampled", samples=16, optimizer=optimizer, lr=1.0)
+    seconds, ops = profile_steps(cfg, steps=3, warmup=2)
+    assert seconds > 0
+    names = {op.key for op in ops}
+    assert "aten::mm" in names
+    assert ("aten::_coalesce" in names) == sparse  # sparse gradients are coalesced before clipping
+    with pytest.raises(ValueError, match="fewer than"):
+        profile_steps(cfg, steps=100_000)
