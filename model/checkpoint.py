@@ -55,8 +55,9 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     os.replace(tmp, path)
 
 
-def resolve_checkpoint(path: Path) -> Path:
+def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a training directory (its best checkpoint)."""
+    path = Path(path)
     if path.is_dir():
         for name in (BEST, LAST):
             if (path / name).exists():
@@ -67,7 +68,7 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
+def load_checkpoint(path: str | Path) -> Checkpoint:
     path = resolve_checkpoint(path)
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:

@@ -325,6 +325,7 @@ def test_a_budget_smaller_than_one_batch_still_trains_one(corpus: Path, tmp_path
     assert entry["train_loss"] > 0
     assert math.isfinite(entry["train_loss"])
     assert load_checkpoint(tmp_path / BEST).epoch == 1
+    assert load_checkpoint(str(tmp_path)).epoch == 1  # a run directory, given as a string, means its best.pt
     assert result.tokens_per_second > 0
 
 
