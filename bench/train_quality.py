@@ -258,10 +258,11 @@ def profile(args: argparse.Namespace) -> str:
     """Where a training step of the recipe goes: time per step and the ops by self CPU time."""
     from model.train import profile_steps
 
-    cfg = setup(args).cfg
+    resolved = setup(args)
+    cfg = resolved.cfg
     seconds, ops = profile_steps(cfg, args.profile)
     tokens = cfg.batch_size * cfg.bptt
-    label = " ".join([args.recipe, *args.set])
+    label = " ".join([resolved.recipe_name, *args.set])
     head = (
         f"{label}: {seconds * 1000:.1f} ms per step of {tokens} tokens "
         f"({tokens / seconds:.0f} tokens/s under the profiler), {args.profile} steps, {cfg.threads} threads"

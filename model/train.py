@@ -291,10 +291,21 @@ def mastered(long_range: dict[str, dict[str, float]], gap_max: int, threshold: f
 
 
 def _training_parts(
-    cfg: TrainConfig, data: _Data, model_factory: ModelFactory | None
+    cfg: TrainConfig, model_config: LSTMConfig, data: _Data, model_factory: ModelFactory | None
 ) -> tuple[nn.Module, torch.optim.Optimizer, SampledSoftmax | None]:
-    """The model, its optimizer and the sampled softmax (or None) that cfg trains with."""
-    model_config = cfg.model_config(len(data.vocab))
+    """The model, its optimizer and the sampled softmax (or None) that cfg trains with.
+
+    A configuration no step could run is refused here, for train() and profile_steps() alike.
+    """
+    if cfg.rare_word_unk < 0 or (cfg.rare_word_unk > 0 and cfg.mode != "stream"):
+        raise ValueError(f"rare_word_unk must be >= 0 and needs stream mode, got {cfg.rare_word_unk}")
+    if cfg.precision not in ("fp32", "bf16", "bf16-all"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'bf16-all', got {cfg.precision!r}")
+    if cfg.precision == "bf16-all" and not bf16_recurrence_supported():
+        raise ValueError(
+            "precision 'bf16-all' needs a bfloat16 LSTM kernel, which oneDNN does not build for this CPU; "
+            "use 'bf16' (the decoder alone) or 'fp32'"
+        )
     model: nn.Module
     if model_factory is None:
         # With a sampled softmax and plain SGD the tied (V, H) matrix gets gradient in only the batch's rows
@@ -326,7 +337,7 @@ def profile_steps(cfg: TrainConfig, steps: int, warmup: int = 20) -> tuple[float
     keep_freed_memory()
     seed_everything(cfg.seed)
     data = _Data(cfg, None)
-    model, optimizer, sampler = _training_parts(cfg, data, None)
+    model, optimizer, sampler = _training_parts(cfg, cfg.model_config(len(data.vocab)), data, None)
     batches = data.train_batches(1, random.Random(cfg.seed), data.gap_max(1))
     if len(batches) < warmup + steps:
         raise ValueError(f"the corpus gives {len(batches)} batches, fewer than {warmup} + {steps}")
@@ -355,17 +366,8 @@ def train(
     seed_everything(cfg.seed)
     data = _Data(cfg, previous.vocab if previous else None)
     model_config = cfg.model_config(len(data.vocab))
-    model, optimizer, sampler = _training_parts(cfg, data, model_factory)
+    model, optimizer, sampler = _training_parts(cfg, model_config, data, model_factory)
     lm = as_language_model(model)
-    if cfg.rare_word_unk < 0 or (cfg.rare_word_unk > 0 and cfg.mode != "stream"):
-        raise ValueError(f"rare_word_unk must be >= 0 and needs stream mode, got {cfg.rare_word_unk}")
-    if cfg.precision not in ("fp32", "bf16", "bf16-all"):
-        raise ValueError(f"precision must be 'fp32', 'bf16' or 'bf16-all', got {cfg.precision!r}")
-    if cfg.precision == "bf16-all" and not bf16_recurrence_supported():
-        raise ValueError(
-            "precision 'bf16-all' needs a bfloat16 LSTM kernel, which oneDNN does not build for this CPU; "
-            "use 'bf16' (the decoder alone) or 'fp32'"
-        )
     start_epoch = 1
     best_loss = math.inf
     best_metrics: dict[str, Any] = {}
