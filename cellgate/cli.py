@@ -56,6 +56,9 @@ def _train(args: argparse.Namespace) -> int:
             rare_word_unk=args.rare_word_unk,
             activation_reg=args.activation_reg,
             temporal_reg=args.temporal_reg,
+            lr_floor=args.lr_floor,
+            average_from=args.average_from,
+            average_every=args.average_every,
             batch_size=args.batch_size,
             bptt=args.bptt,
             epochs=args.epochs,
@@ -309,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--activation-reg", type=float, default=0.0, help="AR weight")
     t.add_argument("--temporal-reg", type=float, default=0.0, help="TAR weight")
+    t.add_argument("--lr-floor", type=float, default=0.0, help="budget schedule: stop decaying at this fraction of lr")
+    t.add_argument(
+        "--average-from",
+        type=float,
+        default=None,
+        help="keep the mean of the weights from this fraction of training on; checkpoints take it when it validates better",
+    )
+    t.add_argument("--average-every", type=int, default=10, help="steps between the samples of that mean")
     t.add_argument("--batch-size", type=int, default=20)
     t.add_argument("--bptt", type=int, default=35)
     t.add_argument("--epochs", type=int, default=40)

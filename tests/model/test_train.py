@@ -16,10 +16,12 @@ import torch
 from model.checkpoint import BEST, LAST, load_checkpoint
 from model.corpus import CorpusError, load_corpus, longrange_text
 from model.data import rare_words_to_unk
+from model.evaluate import evaluate_stream
 from model.lm import LSTMLanguageModel
 from model.softmax import SampledSoftmax
 from model.train import (
     TrainConfig,
+    WeightAverage,
     _Data,
     _train_epoch,
     bf16_recurrence_supported,
@@ -172,7 +174,9 @@ def test_train_command_reaches_the_quality_recipe_levers(corpus: Path, tmp_path:
         "--hidden-size": "24", "--embed-size": "24", "--layers": "1", "--dropout": "0.3", "--embed-dropout": "0.05",
         "--recurrent-dropout": "0.15", "--lr": "20", "--batch-size": "10", "--schedule": "budget", "--warmup": "0.1",
         "--precision": "fp32", "--softmax": "sampled", "--samples": "64", "--rare-word-unk": "1",
-        "--activation-reg": "2", "--temporal-reg": "1", "--epochs": "1", "--seed": "3",
+        "--activation-reg": "2", "--temporal-reg": "1", "--average-from": "0.5", "--average-every": "5",
+        "--lr-floor": "0.25",
+        "--epochs": "1", "--seed": "3",
     }  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "cellgate.cli", "train", "--corpus", str(corpus), "--out", str(tmp_path), "--quiet",
@@ -185,6 +189,53 @@ def test_train_command_reaches_the_quality_recipe_levers(corpus: Path, tmp_path:
         key = flag.removeprefix("--").replace("-", "_")
         key = {"layers": "num_layers"}.get(key, key)
         assert str(config[key]) == value or config[key] == float(value), key
+
+
+def test_weight_average_is_the_mean_of_the_steps_it_samples() -> None:
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, start=0.5, every=2)
+    for step, progress in enumerate([0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9]):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(step**2))
+        average.step_at(model, lambda fraction: fraction, progress)
+    # From progress 0.5 on (steps 2..6), every second step: steps 2, 4 and 6.
+    assert average.samples == 3
+    for p in average.model.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, (4 + 16 + 36) / 3))
+    with pytest.raises(ValueError, match="average_from"):
+        WeightAverage(model, start=1.5, every=2)
+
+
+def test_weight_averaging_checkpoints_the_weights_that_validate_better(corpus: Path, tmp_path: Path) -> None:
+    # SGD at a high constant lr: noisy iterates, whose mean validates better in the last epoch (seed 7).
+    cfg = tiny_config(corpus, tmp_path, epochs=3, optimizer="sgd", lr=20.0, average_from=0.5, average_every=1)
+    result = train(cfg)
+    averaged = [entry for entry in result.log if "weights" in entry]
+    assert [entry["epoch"] for entry in averaged] == [2, 3]  # the mean starts half-way, in epoch 2
+    assert averaged[-1]["average_samples"] > averaged[0]["average_samples"] > 0
+    assert averaged[-1]["weights"] == "average"
+    for entry in averaged:
+        assert entry["valid"]["loss"] <= entry["valid_current"]["loss"]
+        assert (entry["weights"] == "average") == (entry["valid"]["loss"] < entry["valid_current"]["loss"])
+    # Each checkpoint holds the weights its metrics were measured on.
+    valid_ids = _Data(cfg, None).valid_ids
+    for name, key in ((BEST, "valid"), (LAST, "valid_current")):
+        ckpt = load_checkpoint(tmp_path / name)
+        measured = evaluate_stream(ckpt.build_model(), valid_ids)["loss"]
+        assert measured == pytest.approx(ckpt.metrics["valid"]["loss"], rel=1e-5), name
+        logged = next(entry for entry in result.log if entry["epoch"] == ckpt.epoch)
+        assert ckpt.metrics["valid"]["loss"] == pytest.approx(logged[key]["loss"]), name
+
+
+def test_resume_keeps_the_weight_average(corpus: Path, tmp_path: Path) -> None:
+    levers = {"average_from": 0.0, "average_every": 2}  # from the first step: the same start in both runs
+    straight = train(tiny_config(corpus, tmp_path / "straight", epochs=3, **levers))
+    out = tmp_path / "resumed"
+    train(tiny_config(corpus, out, epochs=2, **levers))
+    resumed = train(tiny_config(corpus, out, epochs=3, **levers), resume=True)
+    assert resumed.log[-1]["average_samples"] == straight.log[-1]["average_samples"]
+    assert resumed.log[-1]["valid"]["loss"] == pytest.approx(straight.log[-1]["valid"]["loss"], abs=1e-6)
 
 
 def test_eval_command_prints_metrics(corpus: Path, tmp_path: Path) -> None:
@@ -214,6 +265,10 @@ def test_budget_schedule_warms_up_then_decays_to_zero(corpus: Path, tmp_path: Pa
     assert budget_lr(cfg, 0.1) == pytest.approx(2.0)
     assert budget_lr(cfg, 0.55) == pytest.approx(1.0)
     assert budget_lr(cfg, 1.0) == pytest.approx(0.0, abs=1e-12)
+    floored = tiny_config(corpus, tmp_path, schedule="budget", lr=2.0, warmup=0.1, lr_floor=0.25)
+    assert budget_lr(floored, 0.55) == pytest.approx(1.0)  # above the floor: the same cosine
+    assert budget_lr(floored, 0.9) == pytest.approx(0.5)  # cosine 0.19 there, held at the floor
+    assert budget_lr(floored, 1.0) == pytest.approx(0.5)
 
 
 def test_sampled_softmax_matches_full_softmax_with_every_word_sampled() -> None:
