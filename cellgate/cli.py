@@ -42,6 +42,8 @@ def _train(args: argparse.Namespace) -> int:
             num_layers=args.layers,
             dropout=args.dropout,
             embed_dropout=args.embed_dropout,
+            input_dropout=args.input_dropout,
+            layer_dropout=args.layer_dropout,
             recurrent_dropout=args.recurrent_dropout,
             tie_weights=not args.no_tie,
             optimizer=args.optimizer,
@@ -289,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden-size", type=int, default=200)
     t.add_argument("--embed-size", type=int, help="word vector size (default: the hidden size; tying needs them equal)")
     t.add_argument("--layers", type=int, default=2)
-    t.add_argument("--dropout", type=float, default=0.2)
+    t.add_argument("--dropout", type=float, default=0.2, help="locked dropout on the input, between layers and output")
+    t.add_argument("--input-dropout", type=float, default=None, help="on the embedded input instead (default: --dropout)")
+    t.add_argument("--layer-dropout", type=float, default=None, help="between layers instead (default: --dropout)")
     t.add_argument("--embed-dropout", type=float, default=0.0)
     t.add_argument("--recurrent-dropout", type=float, default=0.0)
     t.add_argument("--no-tie", action="store_true")

@@ -14,7 +14,10 @@ class LSTMConfig:
     embed_size: int = 200  # width of x_t; must equal hidden_size when weights are tied
     hidden_size: int = 200  # width of h_t and C_t in every layer
     num_layers: int = 2  # stacked cells; layer l+1 reads h_t of layer l as its x_t
-    dropout: float = 0.2  # between layers and before the decoder (training only)
+    dropout: float = 0.2  # locked dropout on the embedded input, between layers and before the decoder (training only)
+    # AWD-LSTM's split of that dropout: on the embedded input, and between layers; None means `dropout`.
+    input_dropout: float | None = None
+    layer_dropout: float | None = None
     embed_dropout: float = 0.0  # drops whole word types from the embedding (training only)
     tie_weights: bool = True  # decoder reuses the embedding matrix: fewer parameters, better perplexity
 

@@ -64,6 +64,8 @@ class TrainConfig:
     dropout: float = 0.2
     embed_dropout: float = 0.0
     recurrent_dropout: float = 0.0
+    input_dropout: float | None = None  # locked dropout on the embedded input; None: dropout
+    layer_dropout: float | None = None  # locked dropout between layers; None: dropout (which stays on the output)
     tie_weights: bool = True
     # optimisation
     optimizer: str = "sgd"  # "sgd" or "adamw"
@@ -117,6 +119,8 @@ class TrainConfig:
             num_layers=self.num_layers,
             dropout=self.dropout,
             embed_dropout=self.embed_dropout,
+            input_dropout=self.input_dropout,
+            layer_dropout=self.layer_dropout,
             tie_weights=self.tie_weights,
         )
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from model.cell import GATE_ORDER, GateActivations, LSTMLayer, dropout_mask
 from model.config import LSTMConfig
+from model import lm as lm_module
 from model.lm import GateTrace, LSTMLanguageModel, LSTMState
 
 # float32 is what the model trains and serves in: the bar there is 1e-5 on these small shapes.
@@ -363,6 +364,28 @@ def test_recurrent_dropout_only_in_training() -> None:
         torch.manual_seed(0)
         train_logits, _ = model(tokens, state)
     assert max_diff(train_logits, eval_logits) > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("split", "rates"),
+    [({}, [0.3, 0.3, 0.3, 0.3]), ({"input_dropout": 0.5, "layer_dropout": 0.1}, [0.5, 0.1, 0.1, 0.3])],
+    ids=["one-rate", "awd-split"],
+)
+def test_locked_dropout_rates_by_site(monkeypatch: pytest.MonkeyPatch, split: dict[str, float], rates: list[float]) -> None:
+    """Input, between each pair of layers, output: each site drops at its own rate (`dropout` by default)."""
+    model = make_model(9, num_layers=3)  # dropout 0.3
+    model.config = LSTMConfig(**{**model.config.to_dict(), **split})
+    seen: list[float] = []
+    real = lm_module.locked_dropout
+
+    def recording(x: Tensor, p: float, training: bool) -> Tensor:
+        seen.append(p)
+        return real(x, p, training)
+
+    monkeypatch.setattr(lm_module, "locked_dropout", recording)
+    model.train()
+    model(random_tokens(2, 5, 9), random_state(model, 2, 9))
+    assert seen == rates
 
 
 def test_embedding_dropout_drops_whole_word_types() -> None:

@@ -175,7 +175,7 @@ def test_train_command_reaches_the_quality_recipe_levers(corpus: Path, tmp_path:
         "--recurrent-dropout": "0.15", "--lr": "20", "--batch-size": "10", "--schedule": "budget", "--warmup": "0.1",
         "--precision": "fp32", "--softmax": "sampled", "--samples": "64", "--rare-word-unk": "1",
         "--activation-reg": "2", "--temporal-reg": "1", "--average-from": "0.5", "--average-every": "5",
-        "--lr-floor": "0.25",
+        "--lr-floor": "0.25", "--input-dropout": "0.4", "--layer-dropout": "0.2",
         "--epochs": "1", "--seed": "3",
     }  # fmt: skip
     done = subprocess.run(
