@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--embed-size", type=int, help="word vector size (default: the hidden size; tying needs them equal)")
     t.add_argument("--layers", type=int, default=2)
     t.add_argument("--dropout", type=float, default=0.2, help="locked dropout on the input, between layers and output")
-    t.add_argument("--input-dropout", type=float, default=None, help="on the embedded input instead (default: --dropout)")
+    t.add_argument("--input-dropout", type=float, default=None, help="on the embedded input (default: --dropout)")
     t.add_argument("--layer-dropout", type=float, default=None, help="between layers instead (default: --dropout)")
     t.add_argument("--embed-dropout", type=float, default=0.0)
     t.add_argument("--recurrent-dropout", type=float, default=0.0)
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--average-from",
         type=float,
         default=None,
-        help="keep the mean of the weights from this fraction of training on; checkpoints take it when it validates better",
+        help="average the weights from this fraction of training on; checkpoints take the mean if it validates better",
     )
     t.add_argument("--average-every", type=int, default=10, help="steps between the samples of that mean")
     t.add_argument("--batch-size", type=int, default=20)

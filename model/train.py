@@ -309,7 +309,9 @@ def clip_grad_norm(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
     return total
 
 
-def _running_mean(averaged: list[Tensor], current: list[Tensor], n_averaged: Tensor | int) -> None:
+def _running_mean(
+    averaged: tuple[Tensor, ...] | list[Tensor], current: tuple[Tensor, ...] | list[Tensor], n_averaged: Tensor | int
+) -> None:
     """Fold one more sample into the running means, in place: avg += (x - avg) / (n + 1).
 
     AveragedModel's default computes the same out of place on a CPU: 20 ms for a 4.4M-weight model,
@@ -549,7 +551,8 @@ def train(
             }
             if data.longrange:
                 entry["gap_max"] = gap_max
-                entry["long_range"] = long_range_accuracy(lm, data.vocab, per_bucket=50)
+                # Probed on the weights this epoch would checkpoint, so best.pt's metrics describe best.pt.
+                entry["long_range"] = long_range_accuracy(as_language_model(weights), data.vocab, per_bucket=50)
                 if cfg.curriculum_mastery is not None and mastered(
                     entry["long_range"], gap_max, cfg.curriculum_mastery
                 ):

@@ -9,9 +9,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from model import lm as lm_module
 from model.cell import GATE_ORDER, GateActivations, LSTMLayer, dropout_mask
 from model.config import LSTMConfig
-from model import lm as lm_module
 from model.lm import GateTrace, LSTMLanguageModel, LSTMState
 
 # float32 is what the model trains and serves in: the bar there is 1e-5 on these small shapes.
@@ -371,7 +371,9 @@ def test_recurrent_dropout_only_in_training() -> None:
     [({}, [0.3, 0.3, 0.3, 0.3]), ({"input_dropout": 0.5, "layer_dropout": 0.1}, [0.5, 0.1, 0.1, 0.3])],
     ids=["one-rate", "awd-split"],
 )
-def test_locked_dropout_rates_by_site(monkeypatch: pytest.MonkeyPatch, split: dict[str, float], rates: list[float]) -> None:
+def test_locked_dropout_rates_by_site(
+    monkeypatch: pytest.MonkeyPatch, split: dict[str, float], rates: list[float]
+) -> None:
     """Input, between each pair of layers, output: each site drops at its own rate (`dropout` by default)."""
     model = make_model(9, num_layers=3)  # dropout 0.3
     model.config = LSTMConfig(**{**model.config.to_dict(), **split})

@@ -242,6 +242,30 @@ def test_weight_averaging_checkpoints_the_weights_that_validate_better(corpus: P
         assert ckpt.metrics["valid"]["loss"] == pytest.approx(logged[key]["loss"]), name
 
 
+def test_weight_averaging_probes_long_range_on_the_checkpointed_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """best.pt's long-range metrics describe best.pt, also when it holds the mean of the weights."""
+
+    def fingerprint(model: torch.nn.Module) -> float:
+        return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+    def probe(model: torch.nn.Module, vocab: object, per_bucket: int) -> dict[str, dict[str, float]]:
+        # A tiny model's accuracy is 0 whatever its weights; the weights' own fingerprint tells them apart.
+        return {"0-10": {"accuracy": fingerprint(model), "episodes": per_bucket}}
+
+    monkeypatch.setattr("model.train.long_range_accuracy", probe)
+    cfg = tiny_train_config(
+        tmp_path, episodes=60, gap_max=20, epochs=3, optimizer="sgd", lr=20.0, average_from=0.5, average_every=1
+    )
+    result = train(cfg)
+    best = load_checkpoint(tmp_path / BEST)
+    logged = next(entry for entry in result.log if entry["epoch"] == best.epoch)
+    assert logged["weights"] == "average"  # noisy SGD at lr 20: the mean wins (seed 0)
+    assert best.metrics["long_range"]["0-10"]["accuracy"] == pytest.approx(fingerprint(best.build_model()))
+    assert fingerprint(best.build_model()) != pytest.approx(fingerprint(load_checkpoint(tmp_path / LAST).build_model()))
+
+
 def test_resume_keeps_the_weight_average(corpus: Path, tmp_path: Path) -> None:
     levers = {"average_from": 0.0, "average_every": 2}  # from the first step: the same start in both runs
     straight = train(tiny_config(corpus, tmp_path / "straight", epochs=3, **levers))
