@@ -25,7 +25,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -88,6 +88,9 @@ BEST: dict[str, Any] = {
     "samples": 1024,
     "epochs": 1000,  # the time budget ends training, not an epoch count
     "patience": 1000,
+    # By the end of the budget the model has begun to over-fit and is over-confident: best.pt's logits are divided by
+    # the temperature that minimises the validation perplexity (1.06 for this recipe: test 142.2 -> 140.5).
+    "calibrate": True,
 }
 
 RECIPES = {"reference": REFERENCE, "best": BEST}
@@ -210,6 +213,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     test_ids = encode_stream(ckpt.vocab, portions["test"])
     valid_ids = encode_stream(ckpt.vocab, portions["valid"])
     test = evaluate_stream(model, test_ids, unk_id=ckpt.vocab.unk_id)
+    calibration: dict[str, Any] = {"temperature": ckpt.config.temperature}
+    if ckpt.config.temperature != 1.0:
+        as_trained = replace(ckpt, config=replace(ckpt.config, temperature=1.0)).build_model()
+        calibration["test_uncalibrated"] = evaluate_stream(as_trained, test_ids, unk_id=ckpt.vocab.unk_id)
+        calibration["valid_uncalibrated"] = evaluate_stream(as_trained, valid_ids, unk_id=ckpt.vocab.unk_id)
+        calibration["seconds"] = round(ckpt.metrics["calibration_seconds"], 1)
     report: dict[str, Any] = {
         "recipe": recipe_name,
         "overrides": overrides,
@@ -217,6 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "throughput_only": args.throughput,
         "test": test,
         "valid": evaluate_stream(model, valid_ids, unk_id=ckpt.vocab.unk_id),
+        "calibration": calibration,
         "best_epoch": ckpt.epoch,
         "epochs_run": result.epochs_run,
         "train_wall_seconds": round(train_wall, 1),
@@ -299,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
 
     report = run(args)
     test = report["test"]
+    calibration = report["calibration"]
+    if "test_uncalibrated" in calibration:
+        print(
+            f"calibrated: temperature {calibration['temperature']:.3f}, test perplexity "
+            f"{calibration['test_uncalibrated']['perplexity']:.1f} as trained, in {calibration['seconds']} s"
+        )
     print(
         f"{report['recipe']}: test perplexity {test['perplexity']:.1f}  "
         f"top-1 {test['top1']:.3f}  top-5 {test['top5']:.3f}  "

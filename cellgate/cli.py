@@ -62,6 +62,7 @@ def _train(args: argparse.Namespace) -> int:
             lr_floor=args.lr_floor,
             average_from=args.average_from,
             average_every=args.average_every,
+            calibrate=args.calibrate,
             batch_size=args.batch_size,
             bptt=args.bptt,
             epochs=args.epochs,
@@ -328,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="average the weights from this fraction of training on; checkpoints take the mean if it validates better",
     )
     t.add_argument("--average-every", type=int, default=10, help="steps between the samples of that mean")
+    t.add_argument(
+        "--calibrate", action="store_true", help="fit best.pt's softmax temperature on the validation text at the end"
+    )
     t.add_argument("--batch-size", type=int, default=20)
     t.add_argument("--bptt", type=int, default=35)
     t.add_argument("--epochs", type=int, default=40)

@@ -52,6 +52,7 @@ class Weights:
     layer_weight: list[np.ndarray]  # (4H, H + I) acting on [h, x]
     layer_bias: list[np.ndarray]  # (4H,)
     tied: bool
+    temperature: float = 1.0  # the decoder's logits are divided by it (calibration)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint) -> Weights:
@@ -66,6 +67,7 @@ class Weights:
             layer_weight=[sd[f"layers.{i}.weight"] for i in layers],
             layer_bias=[sd[f"layers.{i}.bias"] for i in layers],
             tied=tied,
+            temperature=ckpt.config.temperature,
         )
 
 
@@ -80,21 +82,31 @@ def _onnx_lstm_order(matrix: np.ndarray, hidden: int) -> np.ndarray:
 
 
 def _decoder_initializers(w: Weights, vocab_mask: np.ndarray) -> list[onnx.TensorProto]:
+    # (W h + b) / T = W (h / T) + b / T: the bias is stored divided, h is scaled in the graph.
+    scale = np.float32(1.0 / w.temperature)
     inits = [
         numpy_helper.from_array(w.embedding, "embedding"),
-        numpy_helper.from_array(w.decoder_bias, "decoder_bias"),
+        numpy_helper.from_array((w.decoder_bias * scale).astype(np.float32), "decoder_bias"),
         numpy_helper.from_array(vocab_mask.astype(np.float32), "suggestion_mask"),
     ]
+    if w.temperature != 1.0:
+        inits.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), "logit_scale"))
     if not w.tied:
         inits.append(numpy_helper.from_array(w.decoder, "decoder_weight"))
     return inits
 
 
-def _head_nodes(top_hidden: str, tied: bool) -> list[onnx.NodeProto]:
+def _head_nodes(top_hidden: str, w: Weights) -> list[onnx.NodeProto]:
     """top_hidden [B, H] -> log_probs, top_log_probs, top_ids."""
+    scaled: list[onnx.NodeProto] = []
+    if w.temperature != 1.0:
+        # Scaling h rather than the (B, V) logits: H multiplies instead of V, and the Gemm stays h · Wᵀ + b.
+        scaled = [helper.make_node("Mul", [top_hidden, "logit_scale"], [f"{top_hidden}_scaled"])]
+        top_hidden = f"{top_hidden}_scaled"
     return [
+        *scaled,
         helper.make_node(
-            "Gemm", [top_hidden, "embedding" if tied else "decoder_weight", "decoder_bias"], ["logits"], transB=1
+            "Gemm", [top_hidden, "embedding" if w.tied else "decoder_weight", "decoder_bias"], ["logits"], transB=1
         ),
         helper.make_node("LogSoftmax", ["logits"], ["log_probs"], axis=-1),
         helper.make_node("Add", ["log_probs", "suggestion_mask"], ["suggestable"]),
@@ -159,7 +171,7 @@ def build_step_graph(w: Weights, excluded_ids: list[int]) -> onnx.ModelProto:
         helper.make_node("Concat", [f"h_out_{i}" for i in range(layers)], ["h_out"], axis=0),
         helper.make_node("Concat", [f"c_out_{i}" for i in range(layers)], ["c_out"], axis=0),
         helper.make_node("Squeeze", [f"h_out_{layers - 1}", "axis0"], ["top_hidden"]),  # (B, H)
-        *_head_nodes("top_hidden", w.tied),
+        *_head_nodes("top_hidden", w),
     ]
     graph = helper.make_graph(
         nodes,
@@ -260,7 +272,7 @@ def build_explain_graph(w: Weights, excluded_ids: list[int]) -> onnx.ModelProto:
             scan_input_axes=[1],  # tokens are (B, T): step over T
         ),  # gate outputs: (T, L, B, H)
         helper.make_node("Gather", ["h_out", "last_layer"], ["top_hidden"], axis=0),  # (B, H)
-        *_head_nodes("top_hidden", w.tied),
+        *_head_nodes("top_hidden", w),
     ]
     inits.append(numpy_helper.from_array(np.array(layers - 1, dtype=np.int64), "last_layer"))
     # Scan bodies see the outer graph's initializers, so the body's weights live there once.

@@ -20,6 +20,9 @@ class LSTMConfig:
     layer_dropout: float | None = None
     embed_dropout: float = 0.0  # drops whole word types from the embedding (training only)
     tie_weights: bool = True  # decoder reuses the embedding matrix: fewer parameters, better perplexity
+    # The decoder's logits are divided by it. 1 as trained; `cellgate train --calibrate` fits it on the validation
+    # text afterwards (temperature scaling): a model that has begun to over-fit is over-confident, T > 1.
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.tie_weights and self.embed_size != self.hidden_size:
@@ -28,6 +31,8 @@ class LSTMConfig:
             )
         if self.vocab_size < 1 or self.hidden_size < 1 or self.num_layers < 1:
             raise ValueError("vocab_size, hidden_size and num_layers must be positive")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from model.corpus import Episode, longrange_episode
 from model.data import batchify, stream_windows
+from model.lm import LSTMLanguageModel
 from model.vocab import Vocabulary
 
 
@@ -103,6 +104,43 @@ def evaluate_stream(
         logits, state = model(inputs, state)
         tally.add(logits, targets)
     return tally.metrics()
+
+
+@torch.no_grad()
+def fit_temperature(
+    model: LSTMLanguageModel, ids: Tensor, batch_size: int = 10, bptt: int = 70, chunk: int = 1024
+) -> float:
+    """The temperature T whose logits / T give the lowest perplexity on a token stream (temperature scaling).
+
+    The stream is read as evaluate_stream reads it. With z the model's logits before any temperature and
+    β = 1 / T, the mean NLL(β) = mean(logsumexp(β z) − β z_target) is convex in β, with derivative
+    E_p[z] − z_target and second derivative Var_p[z] under p = softmax(β z): Newton's method from β = 1,
+    over the top-layer outputs kept from one pass (H floats per token, not V).
+    """
+    model.eval()
+    streams = batchify(ids, min(batch_size, max(1, ids.numel() // 2)))
+    state = model.zero_state(streams.shape[0])
+    outputs, targets = [], []
+    for inputs, window_targets in stream_windows(streams, bptt):
+        hidden, state = model.hidden_states(inputs, state)
+        outputs.append(hidden.reshape(-1, hidden.shape[-1]))
+        targets.append(window_targets.reshape(-1))
+    hidden, target = torch.cat(outputs), torch.cat(targets)
+    beta = 1.0
+    for _ in range(50):
+        gradient, curvature = 0.0, 0.0
+        for start in range(0, target.numel(), chunk):
+            z = nn.functional.linear(hidden[start : start + chunk], model.decoder_weight, model.decoder_bias).double()
+            p = torch.softmax(beta * z, dim=-1)
+            mean = (p * z).sum(-1)
+            z_target = z.gather(1, target[start : start + chunk, None]).squeeze(1)
+            gradient += float((mean - z_target).sum())
+            curvature += float(((p * z * z).sum(-1) - mean * mean).sum())
+        step = gradient / max(curvature, 1e-12)
+        beta = min(max(beta - step, 0.05), 20.0)
+        if abs(step) < 1e-7:
+            break
+    return 1.0 / beta
 
 
 @torch.no_grad()

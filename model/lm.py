@@ -79,8 +79,9 @@ class LSTMLanguageModel(nn.Module):
         return embedded
 
     def decode(self, outputs: Tensor) -> Tensor:
-        """Logits from top-layer outputs (..., H) -> (..., V)."""
-        return nn.functional.linear(outputs, self.decoder_weight, self.decoder_bias)
+        """Logits from top-layer outputs (..., H) -> (..., V), divided by the calibrated temperature."""
+        logits = nn.functional.linear(outputs, self.decoder_weight, self.decoder_bias)
+        return logits if self.config.temperature == 1.0 else logits / self.config.temperature
 
     def hidden_states(
         self, tokens: Tensor, state: LSTMState | None = None, explicit: bool = False

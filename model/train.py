@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,7 +38,14 @@ from model.data import (
     stream_windows,
     unigram_noise,
 )
-from model.evaluate import LanguageModel, detach_state, evaluate_batches, evaluate_stream, long_range_accuracy
+from model.evaluate import (
+    LanguageModel,
+    detach_state,
+    evaluate_batches,
+    evaluate_stream,
+    fit_temperature,
+    long_range_accuracy,
+)
 from model.lm import LSTMLanguageModel, LSTMState
 from model.softmax import SampledSoftmax
 from model.vocab import Vocabulary, tokenize
@@ -99,6 +106,9 @@ class TrainConfig:
     # and each epoch's checkpoint is whichever of the mean and the current weights validates better.
     average_from: float | None = None
     average_every: int = 10
+    # Temperature scaling: once training ends, best.pt's logits get the temperature that minimises the
+    # validation perplexity (stream mode; the LSTM language model).
+    calibrate: bool = False
     batch_size: int = 20
     bptt: int = 35
     epochs: int = 40
@@ -382,6 +392,10 @@ def _training_parts(
         raise ValueError(f"rare_word_unk must be >= 0 and needs stream mode, got {cfg.rare_word_unk}")
     if not 0 <= cfg.input_noise < 1 or (cfg.input_noise > 0 and cfg.mode != "stream"):
         raise ValueError(f"input_noise must be in [0, 1) and needs stream mode, got {cfg.input_noise}")
+    if cfg.calibrate and (cfg.mode != "stream" or model_factory is not None):
+        raise ValueError(
+            "calibrate fits the LSTM language model's temperature on a validation stream: stream mode only"
+        )
     if cfg.precision not in ("fp32", "bf16", "bf16-all"):
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'bf16-all', got {cfg.precision!r}")
     if cfg.precision == "bf16-all" and not bf16_recurrence_supported():
@@ -588,6 +602,8 @@ def train(
     except KeyboardInterrupt:
         save_checkpoint(out / LAST, snapshot(epoch, {"interrupted": True}, with_resume=True))
         raise
+    if cfg.calibrate and best_metrics:
+        best_metrics = calibrate_checkpoint(out / BEST, data.valid_ids)
     return TrainResult(
         out=out,
         best_metrics=best_metrics,
@@ -596,6 +612,26 @@ def train(
         tokens_per_second=total_tokens / max(train_seconds, 1e-9),
         log=log,
     )
+
+
+def calibrate_checkpoint(path: Path, valid_ids: Tensor) -> dict[str, Any]:
+    """Fit the checkpoint's temperature on valid_ids and rewrite it; returns its new metrics.
+
+    The metrics keep the validation figures before calibration (`valid_uncalibrated`) beside those after.
+    """
+    started = time.monotonic()
+    ckpt = load_checkpoint(path)
+    temperature = fit_temperature(ckpt.build_model(), valid_ids)
+    calibrated = replace(ckpt, config=replace(ckpt.config, temperature=temperature))
+    calibrated.metrics = {
+        **ckpt.metrics,
+        "valid": evaluate_stream(calibrated.build_model(), valid_ids),
+        "valid_uncalibrated": ckpt.metrics.get("valid_uncalibrated", ckpt.metrics["valid"]),
+        "temperature": temperature,
+        "calibration_seconds": time.monotonic() - started,
+    }
+    save_checkpoint(path, calibrated)
+    return calibrated.metrics
 
 
 def _loss(

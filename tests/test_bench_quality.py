@@ -39,6 +39,13 @@ def test_report_follows_the_protocol(data: Path, tmp_path: Path) -> None:
     # Scored as 10 parallel streams (the PyTorch example's eval batch): each stream's last token has no target.
     assert report["test"]["tokens"] == 10 * (report["data"]["test_tokens"] // 10 - 1) > 0
     assert 1.0 < report["test"]["perplexity"] < report["data"]["vocab_size"] * 2
+    # BEST calibrates: the temperature is fitted on validation, and the report keeps the figures as trained.
+    calibration = report["calibration"]
+    assert report["config"]["calibrate"] is True
+    assert calibration["temperature"] != 1.0
+    assert report["valid"]["loss"] <= calibration["valid_uncalibrated"]["loss"]
+    assert calibration["test_uncalibrated"]["tokens"] == report["test"]["tokens"]
+    assert calibration["test_uncalibrated"]["perplexity"] != report["test"]["perplexity"]
 
 
 def test_recipe_precision_adapts_to_the_cpu_but_an_explicit_one_is_kept(data: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from export import build
 from export.build import ParityError, export_checkpoint
 from export.onnx import EXPLAIN_GRAPH, GATE_OUTPUTS, STEP_GRAPH, Weights, build_explain_graph, build_step_graph
 from export.parity import BATCHES, LOGIT_TOLERANCE, STATE_TOLERANCE, STREAM_TOKENS, TIMES, ParityReport, check_parity
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.lm import LSTMLanguageModel, LSTMState
 
 EXPECTED_CHECKS = {
@@ -188,3 +188,24 @@ def test_cli_export_exits_non_zero_on_mismatch(
     assert main(["export", str(tiny_run), "--out", str(out)]) == 1
     assert "parity check failed" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_calibrated_temperature_is_exported(tiny_run: Path, tmp_path: Path, quantize: str | None) -> None:
+    """The step graph divides the logits by the checkpoint's temperature, as the PyTorch model does."""
+    ckpt = load_checkpoint(tiny_run)
+    calibrated = tmp_path / "calibrated.pt"
+    save_checkpoint(calibrated, dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, temperature=1.7)))
+    export_checkpoint(calibrated, tmp_path / "bundle", quantize=quantize)  # raises on a parity failure
+    tokens = np.array([[3, 4, 5]], dtype=np.int64)
+    state = np.zeros((ckpt.config.num_layers, 1, ckpt.config.hidden_size), dtype=np.float32)
+    session = ort.InferenceSession(str(tmp_path / "bundle" / STEP_GRAPH), providers=["CPUExecutionProvider"])
+    log_probs = _run(session, tokens, np.array([3], dtype=np.int32), state, state)[0]
+    with torch.no_grad():
+        logits, _ = load_checkpoint(calibrated).build_model()(torch.from_numpy(tokens))
+        want = torch.log_softmax(logits[:, -1], dim=-1).numpy()
+        plain, _ = ckpt.build_model()(torch.from_numpy(tokens))
+        untempered = torch.log_softmax(plain[:, -1], dim=-1).numpy()
+    tolerance = 2e-2 if quantize else 1e-4
+    np.testing.assert_allclose(log_probs, want, atol=tolerance)
+    assert np.abs(log_probs - untempered).max() > 10 * tolerance  # the temperature changed them

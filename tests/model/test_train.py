@@ -7,6 +7,7 @@ import math
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,10 @@ import pytest
 import torch
 
 from model.checkpoint import BEST, LAST, load_checkpoint
+from model.config import LSTMConfig
 from model.corpus import CorpusError, load_corpus, longrange_text
 from model.data import batchify, rare_words_to_unk, stream_windows, unigram_noise
-from model.evaluate import evaluate_stream
+from model.evaluate import evaluate_stream, fit_temperature
 from model.lm import LSTMLanguageModel
 from model.softmax import SampledSoftmax
 from model.train import (
@@ -274,6 +276,50 @@ def test_resume_keeps_the_weight_average(corpus: Path, tmp_path: Path) -> None:
     resumed = train(tiny_config(corpus, out, epochs=3, **levers), resume=True)
     assert resumed.log[-1]["average_samples"] == straight.log[-1]["average_samples"]
     assert resumed.log[-1]["valid"]["loss"] == pytest.approx(straight.log[-1]["valid"]["loss"], abs=1e-6)
+
+
+def test_fit_temperature_recovers_the_temperature_text_was_sampled_at() -> None:
+    """Text drawn from a model at temperature 1.5: the fit on the same model at 1 finds 1.5."""
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(LSTMConfig(vocab_size=30, embed_size=16, hidden_size=16, num_layers=2, dropout=0.0))
+    with torch.no_grad():
+        model.embedding.weight.mul_(20)  # peaked distributions, so the temperature matters
+    sampler = LSTMLanguageModel(replace(model.config, temperature=1.5))
+    sampler.load_state_dict(model.state_dict())
+    sampler.eval()
+    streams, length = 10, 1500
+    rows = torch.zeros(streams, length, dtype=torch.long)  # each row a stream from the zero state, as evaluated
+    state = sampler.zero_state(streams)
+    with torch.no_grad():
+        for t in range(1, length):
+            logits, state = sampler(rows[:, t - 1 : t], state)
+            rows[:, t] = torch.multinomial(torch.softmax(logits[:, -1], dim=-1), 1).squeeze(1)
+    ids = rows.reshape(-1)
+    assert fit_temperature(model, ids) == pytest.approx(1.5, abs=0.05)
+    # The fit reads the logits before any temperature: a model already at 2 finds 1.5 too.
+    hot = LSTMLanguageModel(replace(model.config, temperature=2.0))
+    hot.load_state_dict(model.state_dict())
+    assert fit_temperature(hot, ids) == pytest.approx(1.5, abs=0.05)
+    at_fit = evaluate_stream(sampler, ids)["loss"]
+    for off in (1.3, 1.7):
+        other = LSTMLanguageModel(replace(model.config, temperature=off))
+        other.load_state_dict(model.state_dict())
+        assert evaluate_stream(other, ids)["loss"] > at_fit
+
+
+def test_calibrate_writes_the_fitted_temperature_into_best(corpus: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(corpus, tmp_path, epochs=6, dropout=0.0, lr=5e-2, calibrate=True)
+    result = train(cfg)
+    best = load_checkpoint(tmp_path / BEST)
+    metrics = best.metrics
+    assert best.config.temperature == metrics["temperature"] != 1.0
+    assert metrics["valid"]["loss"] < metrics["valid_uncalibrated"]["loss"]
+    assert result.best_metrics == metrics
+    valid_ids = _Data(cfg, None).valid_ids
+    assert evaluate_stream(best.build_model(), valid_ids)["loss"] == pytest.approx(metrics["valid"]["loss"], rel=1e-6)
+    assert load_checkpoint(tmp_path / LAST).config.temperature == 1.0  # training resumes from the weights as trained
+    with pytest.raises(ValueError, match="calibrate"):
+        train(tiny_config(corpus, tmp_path / "lines", mode="lines", calibrate=True))
 
 
 def test_eval_command_prints_metrics(corpus: Path, tmp_path: Path) -> None:
