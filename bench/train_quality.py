@@ -25,7 +25,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from model.checkpoint import load_checkpoint
     from model.data import encode_stream
     from model.evaluate import evaluate_stream
-    from model.train import train
+    from model.train import as_trained, train, unigram_log_prior
 
     cfg, recipe_name, overrides, precision_fallback, portions = setup(args)
     run_dir, minutes = Path(cfg.out), cfg.max_minutes
@@ -214,10 +214,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     valid_ids = encode_stream(ckpt.vocab, portions["valid"])
     test = evaluate_stream(model, test_ids, unk_id=ckpt.vocab.unk_id)
     calibration: dict[str, Any] = {"temperature": ckpt.config.temperature}
-    if ckpt.config.temperature != 1.0:
-        as_trained = replace(ckpt, config=replace(ckpt.config, temperature=1.0)).build_model()
-        calibration["test_uncalibrated"] = evaluate_stream(as_trained, test_ids, unk_id=ckpt.vocab.unk_id)
-        calibration["valid_uncalibrated"] = evaluate_stream(as_trained, valid_ids, unk_id=ckpt.vocab.unk_id)
+    if "calibration_seconds" in ckpt.metrics:
+        train_ids = encode_stream(ckpt.vocab, portions["train"])
+        log_prior = unigram_log_prior(torch.bincount(train_ids, minlength=len(ckpt.vocab)))
+        uncalibrated = as_trained(ckpt, log_prior).build_model()
+        calibration["prior_weight"] = ckpt.metrics["prior_weight"]
+        calibration["test_uncalibrated"] = evaluate_stream(uncalibrated, test_ids, unk_id=ckpt.vocab.unk_id)
+        calibration["valid_uncalibrated"] = evaluate_stream(uncalibrated, valid_ids, unk_id=ckpt.vocab.unk_id)
         calibration["seconds"] = round(ckpt.metrics["calibration_seconds"], 1)
     report: dict[str, Any] = {
         "recipe": recipe_name,
@@ -312,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     calibration = report["calibration"]
     if "test_uncalibrated" in calibration:
         print(
-            f"calibrated: temperature {calibration['temperature']:.3f}, test perplexity "
+            f"calibrated: temperature {calibration['temperature']:.3f}, "
+            f"prior weight {calibration['prior_weight']:.3f}, test perplexity "
             f"{calibration['test_uncalibrated']['perplexity']:.1f} as trained, in {calibration['seconds']} s"
         )
     print(

@@ -127,15 +127,46 @@ def _eval(args: argparse.Namespace) -> int:
     from model.data import encode_stream
     from model.evaluate import evaluate_stream
 
-    ckpt = load_checkpoint(Path(args.checkpoint))
     try:
+        ckpt = load_checkpoint(Path(args.checkpoint))
         text = load_corpus(args.corpus)
-    except CorpusError as exc:
+    except (FileNotFoundError, CorpusError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     metrics = evaluate_stream(ckpt.build_model(), encode_stream(ckpt.vocab, text), unk_id=ckpt.vocab.unk_id)
     metrics["vocab_size"] = len(ckpt.vocab)
+    metrics["temperature"] = ckpt.config.temperature  # 1 unless calibrated (train --calibrate, cellgate calibrate)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import load_checkpoint, resolve_checkpoint
+    from model.corpus import CorpusError, load_corpus
+    from model.data import encode_stream
+    from model.train import calibrate_checkpoint
+
+    try:
+        path = resolve_checkpoint(args.checkpoint)
+        vocab = load_checkpoint(path).vocab
+        valid_ids = encode_stream(vocab, load_corpus(args.valid))
+        counts = None
+        if args.prior:
+            counts = torch.bincount(encode_stream(vocab, load_corpus(args.prior)), minlength=len(vocab))
+        metrics = calibrate_checkpoint(path, valid_ids, counts, Path(args.out or path))
+    except (FileNotFoundError, CorpusError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = {
+        "temperature": metrics["temperature"],
+        "prior_weight": metrics["prior_weight"],
+        "valid_perplexity": metrics["valid"]["perplexity"],
+        "valid_perplexity_uncalibrated": metrics["valid_uncalibrated"]["perplexity"],
+        "checkpoint": str(args.out or path),
+    }
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -357,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("checkpoint")
     v.add_argument("--corpus", required=True)
     v.set_defaults(func=_eval)
+
+    k = sub.add_parser("calibrate", help="fit a checkpoint's softmax temperature on a validation text")
+    k.add_argument("checkpoint", help="a checkpoint file or a training directory (its best.pt)")
+    k.add_argument("--valid", required=True, help="held-out text the temperature is fitted on (not the test text)")
+    k.add_argument("--prior", help="the training text: also fit the weight of its unigram distribution")
+    k.add_argument("--out", help="write the calibrated checkpoint here (default: in place)")
+    k.set_defaults(func=_calibrate)
 
     p = sub.add_parser("predict", help="next-word suggestions from a running server")
     p.add_argument("text")

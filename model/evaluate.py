@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -106,16 +106,30 @@ def evaluate_stream(
     return tally.metrics()
 
 
-@torch.no_grad()
-def fit_temperature(
-    model: LSTMLanguageModel, ids: Tensor, batch_size: int = 10, bptt: int = 70, chunk: int = 1024
-) -> float:
-    """The temperature T whose logits / T give the lowest perplexity on a token stream (temperature scaling).
+class Calibration(NamedTuple):
+    """softmax(z / temperature + prior_weight · log q): the model's logits z, sharpened or softened, times a prior."""
 
-    The stream is read as evaluate_stream reads it. With z the model's logits before any temperature and
-    β = 1 / T, the mean NLL(β) = mean(logsumexp(β z) − β z_target) is convex in β, with derivative
-    E_p[z] − z_target and second derivative Var_p[z] under p = softmax(β z): Newton's method from β = 1,
-    over the top-layer outputs kept from one pass (H floats per token, not V).
+    temperature: float
+    prior_weight: float  # γ: how much of the unigram prior q to multiply in (0 without one)
+    nll: float  # the mean NLL it reaches on the text it was fitted on
+
+
+@torch.no_grad()
+def fit_calibration(
+    model: LSTMLanguageModel,
+    ids: Tensor,
+    log_prior: Tensor | None = None,
+    batch_size: int = 10,
+    bptt: int = 70,
+    chunk: int = 1024,
+) -> Calibration:
+    """The temperature (and, with log_prior (V,), the prior's weight) with the lowest perplexity on a token stream.
+
+    The stream is read as evaluate_stream reads it. With z the logits before any temperature, θ = (β, γ) and
+    features f = (z, log q), the mean NLL(θ) = mean(logsumexp(θ·f) − θ·f_target) is convex in θ: its gradient
+    is E_p[f] − f_target and its Hessian Cov_p[f] under p = softmax(θ·f). Newton's method from θ = (1, 0),
+    halving a step that does not lower the NLL, over the top-layer outputs kept from one pass (H floats
+    per token, not V). β = 1 / temperature.
     """
     model.eval()
     streams = batchify(ids, min(batch_size, max(1, ids.numel() // 2)))
@@ -126,21 +140,49 @@ def fit_temperature(
         outputs.append(hidden.reshape(-1, hidden.shape[-1]))
         targets.append(window_targets.reshape(-1))
     hidden, target = torch.cat(outputs), torch.cat(targets)
-    beta = 1.0
-    for _ in range(50):
-        gradient, curvature = 0.0, 0.0
+    prior = None if log_prior is None else log_prior.double()
+    k = 1 if prior is None else 2
+
+    def statistics(theta: Tensor) -> tuple[float, Tensor, Tensor]:
+        """Mean NLL at theta, its gradient and its Hessian."""
+        nll, gradient, hessian = 0.0, torch.zeros(k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float64)
         for start in range(0, target.numel(), chunk):
             z = nn.functional.linear(hidden[start : start + chunk], model.decoder_weight, model.decoder_bias).double()
-            p = torch.softmax(beta * z, dim=-1)
-            mean = (p * z).sum(-1)
-            z_target = z.gather(1, target[start : start + chunk, None]).squeeze(1)
-            gradient += float((mean - z_target).sum())
-            curvature += float(((p * z * z).sum(-1) - mean * mean).sum())
-        step = gradient / max(curvature, 1e-12)
-        beta = min(max(beta - step, 0.05), 20.0)
-        if abs(step) < 1e-7:
+            features = [z] if prior is None else [z, prior.expand_as(z)]  # each (N, V)
+            scores = sum(w * f for w, f in zip(theta.tolist(), features, strict=True))
+            assert isinstance(scores, Tensor)
+            y = target[start : start + chunk, None]
+            log_p = torch.log_softmax(scores, dim=-1)
+            nll -= float(log_p.gather(1, y).sum())
+            p = log_p.exp()
+            means = [(p * f).sum(-1) for f in features]  # E_p[f], each (N,)
+            for a in range(k):
+                gradient[a] += float((means[a] - features[a].gather(1, y).squeeze(1)).sum())
+                for b in range(a, k):
+                    covariance = float(((p * features[a] * features[b]).sum(-1) - means[a] * means[b]).sum())
+                    hessian[a, b] = hessian[b, a] = hessian[a, b] + covariance
+        n = target.numel()
+        return nll / n, gradient / n, hessian / n
+
+    theta = torch.tensor([1.0, 0.0][:k], dtype=torch.float64)
+    nll, gradient, hessian = statistics(theta)
+    for _ in range(30):
+        step = torch.linalg.solve(hessian + 1e-9 * torch.eye(k, dtype=torch.float64), gradient)
+        for _ in range(20):  # halve until the NLL goes down (Newton overshoots only far from the optimum)
+            candidate = theta - step
+            candidate[0] = candidate[0].clamp(0.05, 20.0)
+            found = statistics(candidate)
+            if found[0] <= nll:
+                break
+            step = step / 2
+        else:
             break
-    return 1.0 / beta
+        gain = nll - found[0]
+        theta, (nll, gradient, hessian) = candidate, found
+        if gain < 1e-9:
+            break
+    beta, gamma = float(theta[0]), float(theta[1]) if k == 2 else 0.0
+    return Calibration(temperature=1.0 / beta, prior_weight=gamma, nll=nll)
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from model.evaluate import (
     detach_state,
     evaluate_batches,
     evaluate_stream,
-    fit_temperature,
+    fit_calibration,
     long_range_accuracy,
 )
 from model.lm import LSTMLanguageModel, LSTMState
@@ -106,8 +106,8 @@ class TrainConfig:
     # and each epoch's checkpoint is whichever of the mean and the current weights validates better.
     average_from: float | None = None
     average_every: int = 10
-    # Temperature scaling: once training ends, best.pt's logits get the temperature that minimises the
-    # validation perplexity (stream mode; the LSTM language model).
+    # Once training ends, best.pt gets the temperature and the weight of a unigram prior that minimise the
+    # validation perplexity (calibrate_checkpoint; stream mode, the LSTM language model).
     calibrate: bool = False
     batch_size: int = 20
     bptt: int = 35
@@ -603,7 +603,7 @@ def train(
         save_checkpoint(out / LAST, snapshot(epoch, {"interrupted": True}, with_resume=True))
         raise
     if cfg.calibrate and best_metrics:
-        best_metrics = calibrate_checkpoint(out / BEST, data.valid_ids)
+        best_metrics = calibrate_checkpoint(out / BEST, data.valid_ids, data.train_counts)
     return TrainResult(
         out=out,
         best_metrics=best_metrics,
@@ -614,23 +614,60 @@ def train(
     )
 
 
-def calibrate_checkpoint(path: Path, valid_ids: Tensor) -> dict[str, Any]:
-    """Fit the checkpoint's temperature on valid_ids and rewrite it; returns its new metrics.
+def unigram_log_prior(counts: Tensor) -> Tensor:
+    """log q(w) of the training text's unigram distribution, add-one (a word it never shows is not impossible)."""
+    smoothed = counts.double().clamp(min=1.0)
+    return (smoothed / smoothed.sum()).log()
 
-    The metrics keep the validation figures before calibration (`valid_uncalibrated`) beside those after.
+
+def with_calibration(ckpt: Checkpoint, temperature: float, prior_weight: float, log_prior: Tensor | None) -> Checkpoint:
+    """ckpt's network as softmax(z / temperature + prior_weight · log q), the prior folded into the decoder bias.
+
+    (W h + b) / T + γ log q = (W h + b + γ T log q) / T: another bias and a temperature, nothing else.
+    """
+    state_dict = dict(ckpt.state_dict)
+    if log_prior is not None and prior_weight != 0.0:
+        bias = state_dict["decoder_bias"]
+        state_dict["decoder_bias"] = bias + (prior_weight * temperature * log_prior).to(bias.dtype)
+    return replace(ckpt, config=replace(ckpt.config, temperature=temperature), state_dict=state_dict)
+
+
+def as_trained(ckpt: Checkpoint, log_prior: Tensor | None) -> Checkpoint:
+    """A calibrated checkpoint's network as training left it (the inverse of calibrate_checkpoint's fold)."""
+    temperature, prior_weight = ckpt.config.temperature, float(ckpt.metrics.get("prior_weight", 0.0))
+    # Temperature 1 and weight −γ T take the γ T log q back out of the bias.
+    return with_calibration(ckpt, 1.0, -prior_weight * temperature, log_prior)
+
+
+def calibrate_checkpoint(
+    path: Path, valid_ids: Tensor, train_counts: Tensor | None = None, out: Path | None = None
+) -> dict[str, Any]:
+    """Calibrate the checkpoint on valid_ids and write it back (or to out); returns its new metrics.
+
+    The model becomes softmax(z / T + γ log q): T its temperature and, with train_counts, q the training text's
+    unigram distribution (add-one), both fitted on the validation text (model.evaluate.fit_calibration). A
+    model short of training is over-confident and leans too little on word frequency; these two numbers
+    correct both. The prior folds into the decoder bias, (W h + b + γ T log q) / T, so the calibrated model
+    is the same network with another bias and a temperature: export and serving need nothing new. The
+    metrics keep the validation figures as trained (`valid_uncalibrated`) beside those after.
     """
     started = time.monotonic()
     ckpt = load_checkpoint(path)
-    temperature = fit_temperature(ckpt.build_model(), valid_ids)
-    calibrated = replace(ckpt, config=replace(ckpt.config, temperature=temperature))
+    if ckpt.config.temperature != 1.0 or "prior_weight" in ckpt.metrics:
+        raise ValueError(f"{path} is calibrated already (temperature {ckpt.config.temperature:.4f})")
+    model = ckpt.build_model()
+    log_prior = None if train_counts is None else unigram_log_prior(train_counts)
+    fit = fit_calibration(model, valid_ids, log_prior)
+    calibrated = with_calibration(ckpt, fit.temperature, fit.prior_weight, log_prior)
     calibrated.metrics = {
         **ckpt.metrics,
         "valid": evaluate_stream(calibrated.build_model(), valid_ids),
-        "valid_uncalibrated": ckpt.metrics.get("valid_uncalibrated", ckpt.metrics["valid"]),
-        "temperature": temperature,
+        "valid_uncalibrated": evaluate_stream(model, valid_ids),
+        "temperature": fit.temperature,
+        "prior_weight": fit.prior_weight,
         "calibration_seconds": time.monotonic() - started,
     }
-    save_checkpoint(path, calibrated)
+    save_checkpoint(out or path, calibrated)
     return calibrated.metrics
 
 

@@ -18,7 +18,7 @@ from model.checkpoint import BEST, LAST, load_checkpoint
 from model.config import LSTMConfig
 from model.corpus import CorpusError, load_corpus, longrange_text
 from model.data import batchify, rare_words_to_unk, stream_windows, unigram_noise
-from model.evaluate import evaluate_stream, fit_temperature
+from model.evaluate import evaluate_stream, fit_calibration
 from model.lm import LSTMLanguageModel
 from model.softmax import SampledSoftmax
 from model.train import (
@@ -26,11 +26,13 @@ from model.train import (
     WeightAverage,
     _Data,
     _train_epoch,
+    as_trained,
     bf16_recurrence_supported,
     budget_lr,
     clip_grad_norm,
     profile_steps,
     train,
+    unigram_log_prior,
 )
 from tests.training import tiny_train_config
 
@@ -278,33 +280,57 @@ def test_resume_keeps_the_weight_average(corpus: Path, tmp_path: Path) -> None:
     assert resumed.log[-1]["valid"]["loss"] == pytest.approx(straight.log[-1]["valid"]["loss"], abs=1e-6)
 
 
-def test_fit_temperature_recovers_the_temperature_text_was_sampled_at() -> None:
-    """Text drawn from a model at temperature 1.5: the fit on the same model at 1 finds 1.5."""
+def sample_streams(model: LSTMLanguageModel, streams: int, length: int) -> torch.Tensor:
+    """Text drawn from the model: `streams` rows from the zero state, laid end to end (as evaluate_stream cuts it)."""
+    model.eval()
+    rows = torch.zeros(streams, length, dtype=torch.long)
+    state = model.zero_state(streams)
+    with torch.no_grad():
+        for t in range(1, length):
+            logits, state = model(rows[:, t - 1 : t], state)
+            rows[:, t] = torch.multinomial(torch.softmax(logits[:, -1], dim=-1), 1).squeeze(1)
+    return rows.reshape(-1)
+
+
+def with_calibration(model: LSTMLanguageModel, temperature: float, bias_shift: torch.Tensor | None = None):
+    calibrated = LSTMLanguageModel(replace(model.config, temperature=temperature))
+    state = dict(model.state_dict())
+    if bias_shift is not None:
+        state["decoder_bias"] = state["decoder_bias"] + bias_shift
+    calibrated.load_state_dict(state)
+    return calibrated.eval()
+
+
+@pytest.fixture(scope="module")
+def peaked_model() -> LSTMLanguageModel:
     torch.manual_seed(0)
     model = LSTMLanguageModel(LSTMConfig(vocab_size=30, embed_size=16, hidden_size=16, num_layers=2, dropout=0.0))
     with torch.no_grad():
         model.embedding.weight.mul_(20)  # peaked distributions, so the temperature matters
-    sampler = LSTMLanguageModel(replace(model.config, temperature=1.5))
-    sampler.load_state_dict(model.state_dict())
-    sampler.eval()
-    streams, length = 10, 1500
-    rows = torch.zeros(streams, length, dtype=torch.long)  # each row a stream from the zero state, as evaluated
-    state = sampler.zero_state(streams)
-    with torch.no_grad():
-        for t in range(1, length):
-            logits, state = sampler(rows[:, t - 1 : t], state)
-            rows[:, t] = torch.multinomial(torch.softmax(logits[:, -1], dim=-1), 1).squeeze(1)
-    ids = rows.reshape(-1)
-    assert fit_temperature(model, ids) == pytest.approx(1.5, abs=0.05)
-    # The fit reads the logits before any temperature: a model already at 2 finds 1.5 too.
-    hot = LSTMLanguageModel(replace(model.config, temperature=2.0))
-    hot.load_state_dict(model.state_dict())
-    assert fit_temperature(hot, ids) == pytest.approx(1.5, abs=0.05)
-    at_fit = evaluate_stream(sampler, ids)["loss"]
+    return model.eval()
+
+
+def test_fit_calibration_recovers_the_temperature_text_was_sampled_at(peaked_model: LSTMLanguageModel) -> None:
+    ids = sample_streams(with_calibration(peaked_model, 1.5), streams=10, length=1500)
+    fit = fit_calibration(peaked_model, ids)
+    assert fit.temperature == pytest.approx(1.5, abs=0.05)
+    assert fit.prior_weight == 0.0
+    assert fit.nll == pytest.approx(evaluate_stream(with_calibration(peaked_model, fit.temperature), ids)["loss"])
+    # The fit reads the logits before any temperature: the same model already at 2 finds 1.5 too.
+    assert fit_calibration(with_calibration(peaked_model, 2.0), ids).temperature == pytest.approx(fit.temperature)
     for off in (1.3, 1.7):
-        other = LSTMLanguageModel(replace(model.config, temperature=off))
-        other.load_state_dict(model.state_dict())
-        assert evaluate_stream(other, ids)["loss"] > at_fit
+        assert evaluate_stream(with_calibration(peaked_model, off), ids)["loss"] > fit.nll
+
+
+def test_fit_calibration_recovers_a_unigram_prior(peaked_model: LSTMLanguageModel) -> None:
+    """Text from softmax(z / 1.5 + 0.7 log q), that model built as calibrate_checkpoint folds it: bias + γ T log q."""
+    counts = torch.arange(1, 31, dtype=torch.float64) ** 2
+    log_prior = (counts / counts.sum()).log()
+    ids = sample_streams(with_calibration(peaked_model, 1.5, (0.7 * 1.5 * log_prior).float()), 10, 1500)
+    fit = fit_calibration(peaked_model, ids, log_prior)
+    assert fit.temperature == pytest.approx(1.5, abs=0.08)
+    assert fit.prior_weight == pytest.approx(0.7, abs=0.1)
+    assert fit.nll < fit_calibration(peaked_model, ids).nll  # the prior explains what a temperature cannot
 
 
 def test_calibrate_writes_the_fitted_temperature_into_best(corpus: Path, tmp_path: Path) -> None:
@@ -313,10 +339,16 @@ def test_calibrate_writes_the_fitted_temperature_into_best(corpus: Path, tmp_pat
     best = load_checkpoint(tmp_path / BEST)
     metrics = best.metrics
     assert best.config.temperature == metrics["temperature"] != 1.0
+    assert metrics["prior_weight"] != 0.0
+    assert not torch.equal(best.state_dict["decoder_bias"], load_checkpoint(tmp_path / LAST).state_dict["decoder_bias"])
     assert metrics["valid"]["loss"] < metrics["valid_uncalibrated"]["loss"]
     assert result.best_metrics == metrics
-    valid_ids = _Data(cfg, None).valid_ids
+    data = _Data(cfg, None)
+    valid_ids = data.valid_ids
     assert evaluate_stream(best.build_model(), valid_ids)["loss"] == pytest.approx(metrics["valid"]["loss"], rel=1e-6)
+    # as_trained undoes the fold: the network as training left it, at its validation figures then.
+    trained = as_trained(best, unigram_log_prior(data.train_counts)).build_model()
+    assert evaluate_stream(trained, valid_ids)["loss"] == pytest.approx(metrics["valid_uncalibrated"]["loss"], rel=1e-5)
     assert load_checkpoint(tmp_path / LAST).config.temperature == 1.0  # training resumes from the weights as trained
     with pytest.raises(ValueError, match="calibrate"):
         train(tiny_config(corpus, tmp_path / "lines", mode="lines", calibrate=True))
@@ -341,6 +373,42 @@ def test_eval_command_prints_metrics(corpus: Path, tmp_path: Path) -> None:
     assert 0.0 <= metrics["unk_targets"] <= 1.0
     assert metrics["perplexity_known"] > 1.0
     assert metrics["vocab_size"] == len(load_checkpoint(tmp_path / BEST).vocab)
+    assert metrics["temperature"] == 1.0
+    absent = subprocess.run(
+        [sys.executable, "-m", "cellgate.cli", "eval", str(tmp_path / "absent.pt"), "--corpus", str(corpus)],
+        capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
+    )  # fmt: skip
+    assert absent.returncode == 2
+    assert "does not exist" in absent.stderr
+    assert "Traceback" not in absent.stderr
+
+
+def test_calibrate_command_fits_a_trained_checkpoint(corpus: Path, tmp_path: Path) -> None:
+    train(tiny_config(corpus, tmp_path, epochs=3, dropout=0.0, lr=5e-2))
+
+    def calibrate(*argv: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "cellgate.cli", "calibrate", *argv]
+        return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+
+    out = tmp_path / "calibrated.pt"
+    done = calibrate(str(tmp_path), "--valid", str(corpus), "--prior", str(corpus), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["temperature"] == load_checkpoint(out).config.temperature != 1.0
+    assert summary["valid_perplexity"] < summary["valid_perplexity_uncalibrated"]
+    assert summary["prior_weight"] == load_checkpoint(out).metrics["prior_weight"] != 0.0
+    assert load_checkpoint(tmp_path / BEST).config.temperature == 1.0  # --out leaves the original alone
+    again = calibrate(str(out), "--valid", str(corpus))
+    assert again.returncode == 2
+    assert "calibrated already" in again.stderr
+    absent = calibrate(str(tmp_path / "absent.pt"), "--valid", str(corpus))
+    assert absent.returncode == 2
+    assert "does not exist" in absent.stderr
+    assert "Traceback" not in absent.stderr
+    missing = calibrate(str(tmp_path), "--valid", str(tmp_path / "nope.txt"))
+    assert missing.returncode == 2
+    assert "error:" in missing.stderr
+    assert load_checkpoint(tmp_path / BEST).config.temperature == 1.0
 
 
 def test_budget_schedule_warms_up_then_decays_to_zero(corpus: Path, tmp_path: Path) -> None:
