@@ -140,34 +140,50 @@ def fit_calibration(
         outputs.append(hidden.reshape(-1, hidden.shape[-1]))
         targets.append(window_targets.reshape(-1))
     hidden, target = torch.cat(outputs), torch.cat(targets)
-    prior = None if log_prior is None else log_prior.double()
+    prior = None if log_prior is None else log_prior.float()
     k = 1 if prior is None else 2
 
     def statistics(theta: Tensor) -> tuple[float, Tensor, Tensor]:
-        """Mean NLL at theta, its gradient and its Hessian."""
-        nll, gradient, hessian = 0.0, torch.zeros(k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float64)
+        """Mean NLL at theta, its gradient and its Hessian.
+
+        Per token in float32, summed in float64. The terms in the prior, which does not vary by token, are
+        matrix-vector products; only those in z take elementwise passes over the (N, V) chunk.
+        """
+        beta, gamma = theta.tolist() + [0.0] * (2 - k)
+        nll = 0.0
+        sums = torch.zeros(5, dtype=torch.float64)  # over tokens: E[z] − z_y, E[q] − q_y, E[z²], E[zq], E[q²]
+        products = torch.zeros(3, dtype=torch.float64)  # over tokens: E[z]², E[z]E[q], E[q]²
         for start in range(0, target.numel(), chunk):
-            z = nn.functional.linear(hidden[start : start + chunk], model.decoder_weight, model.decoder_bias).double()
-            features = [z] if prior is None else [z, prior.expand_as(z)]  # each (N, V)
-            scores = sum(w * f for w, f in zip(theta.tolist(), features, strict=True))
-            assert isinstance(scores, Tensor)
+            z = nn.functional.linear(hidden[start : start + chunk], model.decoder_weight, model.decoder_bias)
             y = target[start : start + chunk, None]
+            scores = beta * z if prior is None else torch.add(beta * z, prior, alpha=gamma)
             log_p = torch.log_softmax(scores, dim=-1)
-            nll -= float(log_p.gather(1, y).sum())
-            p = log_p.exp()
-            means = [(p * f).sum(-1) for f in features]  # E_p[f], each (N,)
-            for a in range(k):
-                gradient[a] += float((means[a] - features[a].gather(1, y).squeeze(1)).sum())
-                for b in range(a, k):
-                    covariance = float(((p * features[a] * features[b]).sum(-1) - means[a] * means[b]).sum())
-                    hessian[a, b] = hessian[b, a] = hessian[a, b] + covariance
+            nll -= float(log_p.gather(1, y).double().sum())
+            p = log_p.exp_()
+            pz = p * z
+            mean_z = pz.sum(-1)  # E_p[z], (N,)
+            sums[0] += float((mean_z - z.gather(1, y).squeeze(1)).double().sum())
+            sums[2] += float((pz * z).sum(-1).double().sum())
+            products[0] += float((mean_z.double() ** 2).sum())
+            if prior is not None:
+                mean_q = p @ prior  # E_p[log q], (N,)
+                sums[1] += float((mean_q - prior[y.squeeze(1)]).double().sum())
+                sums[3] += float((pz @ prior).double().sum())
+                sums[4] += float((p @ (prior * prior)).double().sum())
+                products[1] += float((mean_z.double() * mean_q.double()).sum())
+                products[2] += float((mean_q.double() ** 2).sum())
         n = target.numel()
-        return nll / n, gradient / n, hessian / n
+        gradient = sums[:k] / n
+        zz, zq, qq = (sums[2:] - products).tolist()  # the covariances Cov_p[f], summed over tokens
+        hessian = torch.tensor([[zz, zq], [zq, qq]], dtype=torch.float64)[:k, :k] / n
+        return nll / n, gradient, hessian
 
     theta = torch.tensor([1.0, 0.0][:k], dtype=torch.float64)
     nll, gradient, hessian = statistics(theta)
     for _ in range(30):
         step = torch.linalg.solve(hessian + 1e-9 * torch.eye(k, dtype=torch.float64), gradient)
+        if float(gradient @ step) / 2 < 1e-9:  # Newton's decrement: the NLL left to gain at this quadratic
+            break
         for _ in range(20):  # halve until the NLL goes down (Newton overshoots only far from the optimum)
             candidate = theta - step
             candidate[0] = candidate[0].clamp(0.05, 20.0)
@@ -177,10 +193,7 @@ def fit_calibration(
             step = step / 2
         else:
             break
-        gain = nll - found[0]
         theta, (nll, gradient, hessian) = candidate, found
-        if gain < 1e-9:
-            break
     beta, gamma = float(theta[0]), float(theta[1]) if k == 2 else 0.0
     return Calibration(temperature=1.0 / beta, prior_weight=gamma, nll=nll)
 
