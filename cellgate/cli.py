@@ -56,7 +56,6 @@ def _train(args: argparse.Namespace) -> int:
             softmax=args.softmax,
             samples=args.samples,
             rare_word_unk=args.rare_word_unk,
-            input_noise=args.input_noise,
             activation_reg=args.activation_reg,
             temporal_reg=args.temporal_reg,
             lr_floor=args.lr_floor,
@@ -346,9 +345,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--samples", type=int, default=1024, help="sampled softmax: shared negatives per batch")
     t.add_argument(
         "--rare-word-unk", type=float, default=0.0, help="alpha: a word seen c times becomes <unk> w.p. alpha/(alpha+c)"
-    )
-    t.add_argument(
-        "--input-noise", type=float, default=0.0, help="gamma: an input token becomes a unigram draw w.p. gamma"
     )
     t.add_argument("--activation-reg", type=float, default=0.0, help="AR weight")
     t.add_argument("--temporal-reg", type=float, default=0.0, help="TAR weight")

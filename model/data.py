@@ -47,28 +47,11 @@ def rare_words_to_unk(ids: Tensor, counts: Tensor, alpha: float, unk_id: int, ge
     return torch.where(replace, torch.full_like(ids, unk_id), ids)
 
 
-def unigram_noise(ids: Tensor, counts: Tensor, gamma: float, generator: torch.Generator) -> Tensor:
-    """A copy of the stream where each token becomes a draw from the unigram distribution with probability γ.
-
-    Data noising as smoothing (Xie et al., 2017): applied to a model's inputs only, it blurs the context a
-    prediction may rely on, much as interpolating with lower-order n-grams smooths a count model.
-    """
-    replace = torch.rand(ids.shape, generator=generator) < gamma
-    draws = torch.multinomial(counts.double(), int(replace.sum()), replacement=True, generator=generator)
-    noised = ids.clone()
-    noised[replace] = draws
-    return noised
-
-
-def stream_windows(streams: Tensor, bptt: int, inputs: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-    """(inputs, targets) windows of at most bptt steps over (B, N) streams, in order.
-
-    `inputs`, when given, is a same-shaped version of the streams (noised) that the inputs are cut from.
-    """
-    source = streams if inputs is None else inputs
+def stream_windows(streams: Tensor, bptt: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(inputs, targets) windows of at most bptt steps over (B, N) streams, in order."""
     for start in range(0, streams.shape[1] - 1, bptt):
         length = min(bptt, streams.shape[1] - 1 - start)
-        yield source[:, start : start + length], streams[:, start + 1 : start + 1 + length]
+        yield streams[:, start : start + length], streams[:, start + 1 : start + 1 + length]
 
 
 def line_batches(

@@ -29,15 +29,7 @@ from tqdm import tqdm
 from model.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, save_checkpoint
 from model.config import LSTMConfig
 from model.corpus import LONGRANGE, load_corpus, longrange_text
-from model.data import (
-    batchify,
-    encode_lines,
-    encode_stream,
-    line_batches,
-    rare_words_to_unk,
-    stream_windows,
-    unigram_noise,
-)
+from model.data import batchify, encode_lines, encode_stream, line_batches, rare_words_to_unk, stream_windows
 from model.evaluate import (
     LanguageModel,
     detach_state,
@@ -98,7 +90,6 @@ class TrainConfig:
     softmax: str = "full"  # "sampled": the stream-mode training loss scores `samples` shared negatives
     samples: int = 1024
     rare_word_unk: float = 0.0  # α: a train word seen c times becomes <unk> with probability α/(α+c), per epoch
-    input_noise: float = 0.0  # γ: an input token (never a target) becomes a unigram draw with probability γ, per epoch
     activation_reg: float = 0.0  # AR: weight of the mean squared top-layer output
     temporal_reg: float = 0.0  # TAR: weight of the mean squared step-to-step change of that output
     # Weight averaging (SWA; AWD-LSTM's averaged SGD): from this fraction of training on (of the budget, or
@@ -213,17 +204,14 @@ class _Data:
     def train_batches(self, epoch: int, rng: random.Random, gap_max: int) -> list[tuple[Tensor, Tensor]]:
         cfg = self.cfg
         if cfg.mode == "stream":
-            streams, ids = self.train_streams, self.train_ids
-            # Fresh draws each epoch, fixed by (seed, epoch) so that --resume replays them.
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            streams = self.train_streams
             if cfg.rare_word_unk > 0:
+                # A fresh draw each epoch, fixed by (seed, epoch) so that --resume replays it.
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
                 unk = self.vocab.unk_id
                 ids = rare_words_to_unk(self.train_ids, self.train_counts, cfg.rare_word_unk, unk, generator)
                 streams = batchify(ids, cfg.batch_size)
-            noised = None
-            if cfg.input_noise > 0:
-                noised = batchify(unigram_noise(ids, self.train_counts, cfg.input_noise, generator), cfg.batch_size)
-            return list(stream_windows(streams, cfg.bptt, noised))
+            return list(stream_windows(streams, cfg.bptt))
         lines = self.train_lines
         if self.longrange:
             # Fresh episodes every epoch (no memorisation) with the curriculum's largest gap.
@@ -390,8 +378,6 @@ def _training_parts(
     """
     if cfg.rare_word_unk < 0 or (cfg.rare_word_unk > 0 and cfg.mode != "stream"):
         raise ValueError(f"rare_word_unk must be >= 0 and needs stream mode, got {cfg.rare_word_unk}")
-    if not 0 <= cfg.input_noise < 1 or (cfg.input_noise > 0 and cfg.mode != "stream"):
-        raise ValueError(f"input_noise must be in [0, 1) and needs stream mode, got {cfg.input_noise}")
     if cfg.calibrate and (cfg.mode != "stream" or model_factory is not None):
         raise ValueError(
             "calibrate fits the LSTM language model's temperature on a validation stream: stream mode only"

@@ -17,7 +17,7 @@ import torch
 from model.checkpoint import BEST, LAST, load_checkpoint
 from model.config import LSTMConfig
 from model.corpus import CorpusError, load_corpus, longrange_text
-from model.data import batchify, rare_words_to_unk, stream_windows, unigram_noise
+from model.data import rare_words_to_unk
 from model.evaluate import evaluate_stream, fit_calibration
 from model.lm import LSTMLanguageModel
 from model.softmax import SampledSoftmax
@@ -75,7 +75,7 @@ def test_loss_decreases(corpus: Path, tmp_path: Path) -> None:
         {"precision": "bf16-all", "activation_reg": 2.0, "temporal_reg": 1.0},
         {"schedule": "budget", "warmup": 0.2},
         {"embed_dropout": 0.1, "recurrent_dropout": 0.2, "optimizer": "sgd", "lr": 5.0},
-        {"rare_word_unk": 1.0, "input_noise": 0.1},
+        {"rare_word_unk": 1.0},
         # SGD with the sampled softmax: row-sparse gradients for the tied matrix, here under bf16 autocast.
         {"softmax": "sampled", "samples": 16, "optimizer": "sgd", "lr": 5.0, "precision": "bf16"},
     ],
@@ -85,7 +85,7 @@ def test_loss_decreases(corpus: Path, tmp_path: Path) -> None:
         "bf16-all-ar-tar",
         "budget-schedule",
         "dropouts-sgd",
-        "rare-word-unk-input-noise",
+        "rare-word-unk",
         "sparse-sgd-sampled-bf16",
     ],
 )
@@ -121,20 +121,6 @@ def test_rare_words_become_unk_in_proportion_to_their_rarity() -> None:
     assert not torch.equal(draw(1.0, 4), out)
     assert torch.equal(draw(0.0, 3), ids)
     assert draw(4.0, 3).eq(unk).sum() > out.eq(unk).sum()
-
-
-def test_unigram_noise_touches_inputs_only_at_rate_gamma() -> None:
-    counts = torch.tensor([0, 900, 100])  # word 0 never occurs, so it is never drawn
-    ids = torch.full((20_000,), 1)
-    noised = unigram_noise(ids, counts, 0.2, torch.Generator().manual_seed(0))
-    # 0.2 of the tokens are redrawn, 0.1 of those as word 2: 0.02 of the stream becomes 2.
-    assert float((noised == 2).float().mean()) == pytest.approx(0.02, abs=0.004)
-    assert not bool((noised == 0).any())
-    assert torch.equal(ids, torch.full((20_000,), 1))  # a copy: the clean stream is untouched
-    streams, noisy = batchify(ids, 4), batchify(noised, 4)
-    windows = list(stream_windows(streams, 7, noisy))
-    assert torch.equal(torch.cat([x for x, _ in windows], 1), noisy[:, :-1])
-    assert torch.equal(torch.cat([y for _, y in windows], 1), streams[:, 1:])  # targets stay clean
 
 
 def test_rare_word_unk_needs_stream_mode(corpus: Path, tmp_path: Path) -> None:
@@ -193,7 +179,7 @@ def test_train_command_reaches_the_quality_recipe_levers(corpus: Path, tmp_path:
         "--recurrent-dropout": "0.15", "--lr": "20", "--batch-size": "10", "--schedule": "budget", "--warmup": "0.1",
         "--precision": "fp32", "--softmax": "sampled", "--samples": "64", "--rare-word-unk": "1",
         "--activation-reg": "2", "--temporal-reg": "1", "--average-from": "0.5", "--average-every": "5",
-        "--lr-floor": "0.25", "--input-dropout": "0.4", "--layer-dropout": "0.2", "--input-noise": "0.05",
+        "--lr-floor": "0.25", "--input-dropout": "0.4", "--layer-dropout": "0.2",
         "--epochs": "1", "--seed": "3",
     }  # fmt: skip
     done = subprocess.run(
