@@ -611,6 +611,8 @@ def with_calibration(ckpt: Checkpoint, temperature: float, prior_weight: float, 
 
     (W h + b) / T + γ log q = (W h + b + γ T log q) / T: another bias and a temperature, nothing else.
     """
+    if prior_weight != 0.0 and log_prior is None:
+        raise ValueError("a prior weight without the prior's log-probabilities (the training text's unigram counts)")
     state_dict = dict(ckpt.state_dict)
     if log_prior is not None and prior_weight != 0.0:
         bias = state_dict["decoder_bias"]

@@ -334,6 +334,8 @@ def test_calibrate_writes_the_fitted_temperature_into_best(corpus: Path, tmp_pat
     assert evaluate_stream(best.build_model(), valid_ids)["loss"] == pytest.approx(metrics["valid"]["loss"], rel=1e-6)
     # as_trained undoes the fold: the network as training left it, at its validation figures then.
     trained = as_trained(best, unigram_log_prior(data.train_counts)).build_model()
+    with pytest.raises(ValueError, match="prior"):
+        as_trained(best, None)  # the fold cannot be undone without the prior it added
     assert evaluate_stream(trained, valid_ids)["loss"] == pytest.approx(metrics["valid_uncalibrated"]["loss"], rel=1e-5)
     assert load_checkpoint(tmp_path / LAST).config.temperature == 1.0  # training resumes from the weights as trained
     with pytest.raises(ValueError, match="calibrate"):
