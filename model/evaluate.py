@@ -88,6 +88,14 @@ class Tally:
         return metrics
 
 
+def evaluation_streams(ids: Tensor, batch_size: int) -> Tensor:
+    """The parallel streams a held-out text is read as: batch_size of them, fewer for a very short text.
+
+    evaluate_stream and fit_calibration both read text this way, so a fit sees the tokens an evaluation scores.
+    """
+    return batchify(ids, min(batch_size, max(1, ids.numel() // 2)))
+
+
 @torch.no_grad()
 def evaluate_stream(
     model: LanguageModel, ids: Tensor, batch_size: int = 10, bptt: int = 70, unk_id: int | None = None
@@ -97,7 +105,7 @@ def evaluate_stream(
     With unk_id the metrics add `unk_targets`, `unk_loss_share` and `perplexity_known` (see Tally).
     """
     model.eval()
-    streams = batchify(ids, min(batch_size, max(1, ids.numel() // 2)))
+    streams = evaluation_streams(ids, batch_size)
     state = model.zero_state(streams.shape[0])
     tally = Tally(unk_id)
     for inputs, targets in stream_windows(streams, bptt):
@@ -132,7 +140,7 @@ def fit_calibration(
     per token, not V). β = 1 / temperature.
     """
     model.eval()
-    streams = batchify(ids, min(batch_size, max(1, ids.numel() // 2)))
+    streams = evaluation_streams(ids, batch_size)
     state = model.zero_state(streams.shape[0])
     outputs, targets = [], []
     for inputs, window_targets in stream_windows(streams, bptt):
