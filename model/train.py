@@ -409,17 +409,22 @@ def _training_parts(
     return model, optimizer, sampler
 
 
+def _start(cfg: TrainConfig, vocab: Vocabulary | None) -> _Data:
+    """What a run does before it builds a model: threads, allocator, seeds, then the data (with vocab, if given)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
+    seed_everything(cfg.seed)
+    return _Data(cfg, vocab)
+
+
 def profile_steps(cfg: TrainConfig, steps: int, warmup: int = 20) -> tuple[float, EventList]:
     """Seconds per training step of cfg, and torch.profiler's per-op averages over `steps` steps.
 
     The steps are the first epoch's batches after `warmup` untimed ones, run by the code train() runs
     (model, optimizer, loss, clipping, update) at cfg's constant lr: where a step's time goes.
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
-    seed_everything(cfg.seed)
-    data = _Data(cfg, None)
+    data = _start(cfg, None)
     model, optimizer, sampler = _training_parts(cfg, cfg.model_config(len(data.vocab)), data, None)
     batches = data.train_batches(1, random.Random(cfg.seed), data.gap_max(1))
     if len(batches) < warmup + steps:
@@ -442,12 +447,8 @@ def train(
     """Train per cfg, writing best.pt, last.pt and log.jsonl under cfg.out."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
     previous = load_checkpoint(out / LAST) if resume else None
-    seed_everything(cfg.seed)
-    data = _Data(cfg, previous.vocab if previous else None)
+    data = _start(cfg, previous.vocab if previous else None)
     model_config = cfg.model_config(len(data.vocab))
     model, optimizer, sampler = _training_parts(cfg, model_config, data, model_factory)
     lm = as_language_model(model)
@@ -515,6 +516,7 @@ def train(
             return (elapsed_before + time.monotonic() - started) / (cfg.max_minutes * 60)
         return (epoch - 1 + epoch_fraction) / cfg.epochs
 
+    on_step = None if average is None else functools.partial(average.step_at, model, progress)
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             for group in optimizer.param_groups:
@@ -523,7 +525,6 @@ def train(
             batches = data.train_batches(epoch, rng, gap_max)
             epoch_started = time.monotonic()
             schedule = progress if cfg.schedule == "budget" else None
-            on_step = None if average is None else functools.partial(average.step_at, model, progress)
             stats = _train_epoch(
                 model, optimizer, batches, cfg, data.vocab.pad_id, epoch, deadline, sampler, schedule, on_step
             )
