@@ -590,7 +590,10 @@ def train(
         save_checkpoint(out / LAST, snapshot(epoch, {"interrupted": True}, with_resume=True))
         raise
     if cfg.calibrate and best_metrics:
-        best_metrics = calibrate_checkpoint(out / BEST, data.valid_ids, data.train_counts)
+        # best.pt's validation metrics are those of its weights on data.valid_ids: no second pass for them.
+        best_metrics = calibrate_checkpoint(
+            out / BEST, data.valid_ids, data.train_counts, valid_as_trained=best_metrics["valid"]
+        )
     return TrainResult(
         out=out,
         best_metrics=best_metrics,
@@ -629,7 +632,11 @@ def as_trained(ckpt: Checkpoint, log_prior: Tensor | None) -> Checkpoint:
 
 
 def calibrate_checkpoint(
-    path: Path, valid_ids: Tensor, train_counts: Tensor | None = None, out: Path | None = None
+    path: Path,
+    valid_ids: Tensor,
+    train_counts: Tensor | None = None,
+    out: Path | None = None,
+    valid_as_trained: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Calibrate the checkpoint on valid_ids and write it back (or to out); returns its new metrics.
 
@@ -638,7 +645,8 @@ def calibrate_checkpoint(
     model short of training is over-confident and leans too little on word frequency; these two numbers
     correct both. The prior folds into the decoder bias, (W h + b + γ T log q) / T, so the calibrated model
     is the same network with another bias and a temperature: export and serving need nothing new. The
-    metrics keep the validation figures as trained (`valid_uncalibrated`) beside those after.
+    metrics keep the validation figures as trained (`valid_uncalibrated`) beside those after; a caller that
+    has them already, measured by evaluate_stream on these valid_ids, passes them as valid_as_trained.
     """
     started = time.monotonic()
     ckpt = load_checkpoint(path)
@@ -651,7 +659,7 @@ def calibrate_checkpoint(
     calibrated.metrics = {
         **ckpt.metrics,
         "valid": evaluate_stream(calibrated.build_model(), valid_ids),
-        "valid_uncalibrated": evaluate_stream(model, valid_ids),
+        "valid_uncalibrated": valid_as_trained or evaluate_stream(model, valid_ids),
         "temperature": fit.temperature,
         "prior_weight": fit.prior_weight,
         "calibration_seconds": time.monotonic() - started,
