@@ -9,7 +9,6 @@ Two data modes:
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import json
@@ -108,11 +107,7 @@ class TrainConfig:
     max_minutes: float | None = None
     mode: str = "stream"  # "stream" or "lines"
     seed: int = 0
-    threads: int | None = None  # torch intra-op threads in all (split between workers)
-    # Hogwild (Recht et al., 2011): this many processes train at once on the model's shared weights, each on
-    # its share of every epoch's windows with its own threads (stream mode, SGD). Small recurrent matmuls
-    # leave a second intra-op thread half idle; a second process keeps it busy, at the price of determinism.
-    workers: int = 1
+    threads: int | None = None
     # builtin:longrange
     episodes: int = 2000
     gap_min: int = 0
@@ -206,21 +201,17 @@ class _Data:
         grown = start + (cfg.gap_max - start) * min(1.0, epoch / cfg.curriculum_epochs)
         return max(cfg.gap_min, int(grown))
 
-    def epoch_streams(self, epoch: int) -> Tensor:
-        """Stream mode: the (batch_size, N) streams epoch trains on."""
-        cfg = self.cfg
-        if cfg.rare_word_unk <= 0:
-            return self.train_streams
-        # A fresh draw each epoch, fixed by (seed, epoch) so that --resume replays it.
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        unk = self.vocab.unk_id
-        ids = rare_words_to_unk(self.train_ids, self.train_counts, cfg.rare_word_unk, unk, generator)
-        return batchify(ids, cfg.batch_size)
-
     def train_batches(self, epoch: int, rng: random.Random, gap_max: int) -> list[tuple[Tensor, Tensor]]:
         cfg = self.cfg
         if cfg.mode == "stream":
-            return list(stream_windows(self.epoch_streams(epoch), cfg.bptt))
+            streams = self.train_streams
+            if cfg.rare_word_unk > 0:
+                # A fresh draw each epoch, fixed by (seed, epoch) so that --resume replays it.
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+                unk = self.vocab.unk_id
+                ids = rare_words_to_unk(self.train_ids, self.train_counts, cfg.rare_word_unk, unk, generator)
+                streams = batchify(ids, cfg.batch_size)
+            return list(stream_windows(streams, cfg.bptt))
         lines = self.train_lines
         if self.longrange:
             # Fresh episodes every epoch (no memorisation) with the curriculum's largest gap.
@@ -372,144 +363,6 @@ class WeightAverage:
         self.steps = state["steps"]
 
 
-@dataclass
-class Progress:
-    """How far through training a run is at a fraction of the current epoch, in [0, 1]: of its budget (wall
-    clock) with max_minutes, else of `epochs`. What the "budget" schedule and weight averaging follow; a plain
-    object, so a Hogwild helper process follows the same schedule as the main one."""
-
-    max_minutes: float | None
-    epochs: int
-    started: float  # time.monotonic() when this run (or its resumption) started; one clock for all processes
-    elapsed_before: float  # seconds a resumed run had trained before
-    epoch: int = 1
-
-    def __call__(self, epoch_fraction: float) -> float:
-        if self.max_minutes:
-            return (self.elapsed_before + time.monotonic() - self.started) / (self.max_minutes * 60)
-        return (self.epoch - 1 + epoch_fraction) / self.epochs
-
-
-def split_streams(streams: Tensor, bptt: int, parts: int) -> list[Tensor]:
-    """(B, N) streams cut along time into `parts` chunks that share out stream_windows(streams, bptt) in order.
-
-    Chunk k holds a contiguous run of the windows, with the token after them (its last target): the windows
-    of the chunks, one after the other, are exactly the windows of the streams.
-    """
-    windows = len(range(0, streams.shape[1] - 1, bptt))
-    if windows < parts:
-        raise ValueError(f"{windows} windows of {bptt} tokens cannot be shared between {parts} workers")
-    cuts = [round(k * windows / parts) for k in range(parts + 1)]
-    return [streams[:, cuts[k] * bptt : cuts[k + 1] * bptt + 1] for k in range(parts)]
-
-
-def _threads_per_worker(cfg: TrainConfig) -> int:
-    return max(1, (cfg.threads or torch.get_num_threads()) // cfg.workers)
-
-
-def _hogwild_helper(
-    rank: int,
-    cfg: TrainConfig,
-    model: nn.Module,
-    sampler: SampledSoftmax | None,
-    pad_id: int,
-    deadline: float | None,
-    progress: Progress,
-    conn: Any,
-) -> None:
-    """A helper process: train the shared model on each chunk of windows it is sent, and send back the stats."""
-    try:
-        torch.set_num_threads(_threads_per_worker(cfg))
-        keep_freed_memory()
-        seed_everything(cfg.seed * 7919 + rank)  # dropout masks and sampled negatives of its own
-        optimizer = _make_optimizer(cfg, model)
-        quiet = replace(cfg, progress=False)
-        schedule = progress if cfg.schedule == "budget" else None
-        while (job := conn.recv()) is not None:
-            epoch, streams, lr = job
-            progress.epoch = epoch
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = list(stream_windows(streams, cfg.bptt))
-            conn.send(_train_epoch(model, optimizer, batches, quiet, pad_id, epoch, deadline, sampler, schedule))
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the main process saves last.pt
-        pass
-    except Exception as exc:  # handed to the main process, which raises it
-        conn.send(exc)
-
-
-class Hogwild:
-    """Helper processes that train the main process's model alongside it, lock-free (TrainConfig.workers).
-
-    The weights move to shared memory; every process runs the ordinary training step with its own optimizer
-    (SGD: no state) on its own chunk of each epoch's windows (split_streams), carrying its own (h, C), and
-    writes its updates straight into the shared weights. With sparse updates of the tied matrix and few
-    collisions elsewhere, the lost updates of unsynchronised writes cost less than the idle thread they use.
-    """
-
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        model: nn.Module,
-        sampler: SampledSoftmax | None,
-        pad_id: int,
-        deadline: float | None,
-        progress: Progress,
-    ) -> None:
-        self.cfg = cfg
-        self.threads = torch.get_num_threads()
-        model.share_memory()
-        context = torch.multiprocessing.get_context("spawn")  # fork would copy a live OpenMP pool
-        self.conns: list[Any] = []
-        self.processes: list[Any] = []
-        for rank in range(1, cfg.workers):
-            ours, theirs = context.Pipe()
-            process = context.Process(
-                target=_hogwild_helper,
-                args=(rank, cfg, model, sampler, pad_id, deadline, progress, theirs),
-                name=f"cellgate-train-worker-{rank}",
-                daemon=True,
-            )
-            process.start()
-            theirs.close()
-            self.conns.append(ours)
-            self.processes.append(process)
-
-    def train_epoch(
-        self, epoch: int, streams: Tensor, lr: float, train_on: Callable[[list[tuple[Tensor, Tensor]]], dict[str, Any]]
-    ) -> dict[str, Any]:
-        """Train one epoch of streams, the first chunk here (with train_on) and the others in the helpers."""
-        chunks = split_streams(streams, self.cfg.bptt, self.cfg.workers)
-        for conn, chunk in zip(self.conns, chunks[1:], strict=True):
-            conn.send((epoch, chunk.clone(), lr))
-        torch.set_num_threads(_threads_per_worker(self.cfg))
-        try:
-            parts = [train_on(list(stream_windows(chunks[0], self.cfg.bptt)))]
-        finally:
-            torch.set_num_threads(self.threads)  # validation and checkpoints use them all
-        for conn in self.conns:
-            reply = conn.recv()
-            if isinstance(reply, BaseException):
-                raise RuntimeError("a training worker failed") from reply
-            parts.append(reply)
-        tokens = sum(p["tokens"] for p in parts)
-        return {
-            "loss": sum(p["loss"] * p["tokens"] for p in parts) / max(tokens, 1),
-            "tokens": tokens,
-            "seconds": max(p["seconds"] for p in parts),
-            "stopped_early": any(p["stopped_early"] for p in parts),
-        }
-
-    def close(self) -> None:
-        for conn in self.conns:
-            with contextlib.suppress(OSError):  # that worker is gone already (BrokenPipeError is an OSError)
-                conn.send(None)
-        for process in self.processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
-
-
 def mastered(long_range: dict[str, dict[str, float]], gap_max: int, threshold: float) -> bool:
     """Whether every probe bucket starting below gap_max (at least the first) reaches threshold."""
     below = [v["accuracy"] for k, v in long_range.items() if int(k.split("-")[0]) < max(gap_max, 1)]
@@ -528,11 +381,6 @@ def _training_parts(
     if cfg.calibrate and (cfg.mode != "stream" or model_factory is not None):
         raise ValueError(
             "calibrate fits the LSTM language model's temperature on a validation stream: stream mode only"
-        )
-    if cfg.workers < 1 or (cfg.workers > 1 and (cfg.mode != "stream" or cfg.optimizer != "sgd")):
-        raise ValueError(
-            f"workers must be >= 1, and more than one needs stream mode and SGD (whose update keeps no state "
-            f"a worker would have to share), got {cfg.workers} with {cfg.mode} mode and {cfg.optimizer}"
         )
     if cfg.precision not in ("fp32", "bf16", "bf16-all"):
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'bf16-all', got {cfg.precision!r}")
@@ -662,27 +510,24 @@ def train(
     train_seconds = 0.0
     epoch = start_epoch - 1
 
-    progress = Progress(cfg.max_minutes, cfg.epochs, started, elapsed_before)
-    schedule = progress if cfg.schedule == "budget" else None
+    def progress(epoch_fraction: float) -> float:
+        """How far through the budget training is, for the "budget" schedule."""
+        if cfg.max_minutes:
+            return (elapsed_before + time.monotonic() - started) / (cfg.max_minutes * 60)
+        return (epoch - 1 + epoch_fraction) / cfg.epochs
+
     on_step = None if average is None else functools.partial(average.step_at, model, progress)
-    hogwild = None if cfg.workers == 1 else Hogwild(cfg, model, sampler, data.vocab.pad_id, deadline, progress)
-
-    def train_on(batches: list[tuple[Tensor, Tensor]]) -> dict[str, Any]:
-        return _train_epoch(
-            model, optimizer, batches, cfg, data.vocab.pad_id, epoch, deadline, sampler, schedule, on_step
-        )
-
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
-            progress.epoch = epoch
             for group in optimizer.param_groups:
                 group["lr"] = lr
             gap_max = curriculum_gap if cfg.curriculum_mastery is not None else data.gap_max(epoch)
+            batches = data.train_batches(epoch, rng, gap_max)
             epoch_started = time.monotonic()
-            if hogwild is None:
-                stats = train_on(data.train_batches(epoch, rng, gap_max))
-            else:
-                stats = hogwild.train_epoch(epoch, data.epoch_streams(epoch), lr, train_on)
+            schedule = progress if cfg.schedule == "budget" else None
+            stats = _train_epoch(
+                model, optimizer, batches, cfg, data.vocab.pad_id, epoch, deadline, sampler, schedule, on_step
+            )
             train_seconds += time.monotonic() - epoch_started
             if schedule is not None:
                 lr = optimizer.param_groups[0]["lr"]  # where the per-batch schedule got to
@@ -744,9 +589,6 @@ def train(
     except KeyboardInterrupt:
         save_checkpoint(out / LAST, snapshot(epoch, {"interrupted": True}, with_resume=True))
         raise
-    finally:
-        if hogwild is not None:
-            hogwild.close()
     if cfg.calibrate and best_metrics:
         # best.pt's validation metrics are those of its weights on data.valid_ids: no second pass for them.
         best_metrics = calibrate_checkpoint(
