@@ -47,9 +47,6 @@ class LSTMLanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.recurrent_dropout = recurrent_dropout  # training-time regulariser, not part of the model
-        # Training-time too: every dropout rate (locked, embedding, DropConnect) is multiplied by it; training
-        # raises it from 0 to 1 over TrainConfig.dropout_warmup.
-        self.dropout_scale = 1.0
         # Training-time too: the embedding lookup's gradient is row-sparse (only the batch's words), which
         # pays off when nothing else gives the (V, E) matrix a dense gradient (a sampled softmax, SGD).
         self.sparse_grad = sparse_grad
@@ -72,11 +69,11 @@ class LSTMLanguageModel(nn.Module):
     def _embed(self, tokens: Tensor) -> Tensor:
         weight = self.embedding.weight
         embedded = nn.functional.embedding(tokens, weight, sparse=self.sparse_grad)  # (B, T, E)
-        p = self.config.embed_dropout * self.dropout_scale
-        if self.training and p > 0:
+        if self.training and self.config.embed_dropout > 0:
             # Drop whole word types (Gal & Ghahramani), rescaling the survivors. One keep factor per
             # type, applied to the looked-up rows: the same as scaling the (V, E) matrix before the
             # lookup, without touching all V rows forward and backward every batch.
+            p = self.config.embed_dropout
             keep = dropout_mask((weight.shape[0],), p, weight.dtype)
             embedded = embedded * keep[tokens].unsqueeze(-1)
         return embedded
@@ -92,8 +89,8 @@ class LSTMLanguageModel(nn.Module):
         """Top-layer outputs (B, T, H) and the carried state, on the fused or the explicit path."""
         if state is None:
             state = self.zero_state(tokens.shape[0])
-        config, scale = self.config, self.dropout_scale
-        x = locked_dropout(self._embed(tokens), _or(config.input_dropout, config.dropout) * scale, self.training)
+        config = self.config
+        x = locked_dropout(self._embed(tokens), _or(config.input_dropout, config.dropout), self.training)
         new_h, new_c = [], []
         layers: list[LSTMLayer] = list(self.layers)  # type: ignore[arg-type]
         for index, layer in enumerate(layers):
@@ -101,10 +98,9 @@ class LSTMLanguageModel(nn.Module):
             if explicit:
                 x, h, c, _ = layer.forward_explicit(x, h, c)
             else:
-                x, h, c = layer(x, h, c, recurrent_dropout=self.recurrent_dropout * scale)
+                x, h, c = layer(x, h, c, recurrent_dropout=self.recurrent_dropout)
             last = index == len(layers) - 1
-            p = config.dropout if last else _or(config.layer_dropout, config.dropout)
-            x = locked_dropout(x, p * scale, self.training)
+            x = locked_dropout(x, config.dropout if last else _or(config.layer_dropout, config.dropout), self.training)
             new_h.append(h)
             new_c.append(c)
         return x, LSTMState(torch.stack(new_h), torch.stack(new_c))

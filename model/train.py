@@ -97,12 +97,6 @@ class TrainConfig:
     # and each epoch's checkpoint is whichever of the mean and the current weights validates better.
     average_from: float | None = None
     average_every: int = 10
-    # Curriculum dropout (Morerio et al., 2017): over this fraction of training every dropout rate rises linearly
-    # from 0 to its value. Noise slows learning most early on, when the model is far from over-fitting.
-    dropout_warmup: float = 0.0
-    # "uniform" (±0.1), or "ppmi": the embedding (tied: the decoder too) starts as the train text's word vectors,
-    # the truncated SVD of its positive PMI co-occurrence matrix (ppmi_embeddings), inside the training budget.
-    embed_init: str = "uniform"
     # Once training ends, best.pt gets the temperature and the weight of a unigram prior that minimise the
     # validation perplexity (calibrate_checkpoint; stream mode, the LSTM language model).
     calibrate: bool = False
@@ -274,41 +268,6 @@ def budget_lr(cfg: TrainConfig, progress: float) -> float:
     return max(0.5 * cfg.lr * (1.0 + math.cos(math.pi * decay)), cfg.lr_floor * cfg.lr)
 
 
-def ppmi_embeddings(ids: Tensor, vocab_size: int, dim: int, window: int = 2) -> Tensor:
-    """(V, dim) word vectors of a token stream: U·√S of the truncated SVD of its positive PMI matrix.
-
-    Counts of word pairs at most `window` apart, either way round; PMI against the context distribution raised
-    to 0.75 (which keeps rare contexts from dominating), negative values dropped; symmetric SVD weighting
-    (Levy, Goldberg and Dagan, 2015). A word that never occurs gets a zero row.
-    """
-    rows = torch.cat(
-        [ids[:-offset] for offset in range(1, window + 1)] + [ids[offset:] for offset in range(1, window + 1)]
-    )
-    cols = torch.cat(
-        [ids[offset:] for offset in range(1, window + 1)] + [ids[:-offset] for offset in range(1, window + 1)]
-    )
-    counts = torch.sparse_coo_tensor(
-        torch.stack([rows, cols]),
-        torch.ones(rows.numel(), dtype=torch.float64),
-        (vocab_size, vocab_size),
-        check_invariants=True,
-    ).coalesce()
-    index, pairs = counts.indices(), counts.values()
-    words = torch.zeros(vocab_size, dtype=torch.float64).index_add_(0, index[0], pairs)
-    contexts = torch.zeros(vocab_size, dtype=torch.float64).index_add_(0, index[1], pairs) ** 0.75
-    pmi = torch.log(pairs * contexts.sum() / (words[index[0]] * contexts[index[1]]))
-    positive = pmi > 0
-    matrix = torch.sparse_coo_tensor(
-        index[:, positive], pmi[positive].float(), (vocab_size, vocab_size), check_invariants=True
-    ).coalesce()
-    with torch.random.fork_rng():  # the randomised SVD draws its own numbers: the same vectors every time
-        torch.manual_seed(0)
-        u, singular, _ = torch.svd_lowrank(matrix, q=dim, niter=3)
-    vectors = u * singular.sqrt()
-    vectors[words == 0] = 0.0  # exactly, not the SVD's rounding error
-    return vectors
-
-
 def keep_freed_memory() -> None:
     """Make glibc keep freed memory for reuse instead of handing big blocks back to the OS each step.
 
@@ -423,14 +382,6 @@ def _training_parts(
         raise ValueError(
             "calibrate fits the LSTM language model's temperature on a validation stream: stream mode only"
         )
-    if not 0.0 <= cfg.dropout_warmup <= 1.0 or (cfg.dropout_warmup > 0 and model_factory is not None):
-        raise ValueError(
-            f"dropout_warmup must be in [0, 1] and is for the LSTM language model, got {cfg.dropout_warmup}"
-        )
-    if cfg.embed_init not in ("uniform", "ppmi") or (
-        cfg.embed_init == "ppmi" and (cfg.mode != "stream" or model_factory)
-    ):
-        raise ValueError(f"embed_init must be 'uniform' or 'ppmi' (stream mode, the LSTM), got {cfg.embed_init!r}")
     if cfg.precision not in ("fp32", "bf16", "bf16-all"):
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'bf16-all', got {cfg.precision!r}")
     if cfg.precision == "bf16-all" and not bf16_recurrence_supported():
@@ -555,14 +506,6 @@ def train(
 
     started = time.monotonic()
     deadline = None if cfg.max_minutes is None else started + cfg.max_minutes * 60 - elapsed_before
-    if cfg.embed_init == "ppmi" and previous is None:
-        # Inside the budget: the vectors cost training time (2 s for WikiText-2's 196k tokens at 256 wide).
-        vectors = ppmi_embeddings(data.train_ids, len(data.vocab), model_config.embed_size)
-        weight = cast(LSTMLanguageModel, model).embedding.weight
-        seen = vectors.abs().sum(1) > 0
-        with torch.no_grad():
-            # The scale of the uniform start (±0.1) that SGD at lr 20 is tuned for; unseen words keep theirs.
-            weight[seen] = (vectors[seen] * (weight.std() / vectors[seen].std())).to(weight.dtype)
     total_tokens = 0
     train_seconds = 0.0
     epoch = start_epoch - 1
@@ -581,11 +524,12 @@ def train(
             gap_max = curriculum_gap if cfg.curriculum_mastery is not None else data.gap_max(epoch)
             batches = data.train_batches(epoch, rng, gap_max)
             epoch_started = time.monotonic()
+            schedule = progress if cfg.schedule == "budget" else None
             stats = _train_epoch(
-                model, optimizer, batches, cfg, data.vocab.pad_id, epoch, deadline, sampler, progress, on_step
+                model, optimizer, batches, cfg, data.vocab.pad_id, epoch, deadline, sampler, schedule, on_step
             )
             train_seconds += time.monotonic() - epoch_started
-            if cfg.schedule == "budget":
+            if schedule is not None:
                 lr = optimizer.param_groups[0]["lr"]  # where the per-batch schedule got to
             total_tokens += stats["tokens"]
             valid = data.validate(lm)
@@ -801,12 +745,8 @@ def _train_epoch(
             stopped_early = True
             break
         if progress is not None:
-            done = progress(index / len(batches))
-            if cfg.schedule == "budget":
-                for group in optimizer.param_groups:
-                    group["lr"] = budget_lr(cfg, done)
-            if cfg.dropout_warmup > 0:
-                cast(LSTMLanguageModel, model).dropout_scale = min(1.0, done / cfg.dropout_warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = budget_lr(cfg, progress(index / len(batches)))
         state = lm.zero_state(inputs.shape[0]) if lines else detach_state(state)
         objective, loss, state = _loss(model, inputs, targets, state, cfg, ignore_index, sampler)
         optimizer.zero_grad(set_to_none=True)

@@ -30,7 +30,6 @@ from model.train import (
     bf16_recurrence_supported,
     budget_lr,
     clip_grad_norm,
-    ppmi_embeddings,
     profile_steps,
     train,
     unigram_log_prior,
@@ -536,42 +535,3 @@ def test_profile_steps_runs_the_training_step(corpus: Path, tmp_path: Path, opti
     assert ("aten::_coalesce" in names) == sparse  # sparse gradients are coalesced before clipping
     with pytest.raises(ValueError, match="fewer than"):
         profile_steps(cfg, steps=100_000)
-
-
-def test_ppmi_embeddings_put_words_of_the_same_contexts_together() -> None:
-    """ "cat" and "dog" share every context and "ran" none of theirs; a word the text never shows gets a zero row."""
-    rng = random.Random(0)
-    words = ["the", "cat", "dog", "sat", ".", "we", "ran", "home", "unseen"]
-    text: list[str] = []
-    for _ in range(2000):
-        text += ["the", rng.choice(["cat", "dog"]), "sat", "."] if rng.random() < 0.5 else ["we", "ran", "home", "."]
-    ids = torch.tensor([words.index(w) for w in text])
-    vectors = ppmi_embeddings(ids, len(words), dim=4)
-    assert vectors.shape == (len(words), 4)
-
-    def cosine(a: str, b: str) -> float:
-        return float(torch.nn.functional.cosine_similarity(vectors[words.index(a)], vectors[words.index(b)], dim=0))
-
-    assert cosine("cat", "dog") > 0.95
-    assert cosine("cat", "ran") < 0.5
-    assert torch.equal(vectors[words.index("unseen")], torch.zeros(4))
-
-
-def test_ppmi_init_starts_the_embedding_at_the_train_text_vectors(corpus: Path, tmp_path: Path) -> None:
-    """With lr 0 the checkpoint holds the start: the PPMI vectors of the train text, at the uniform start's scale."""
-    cfg = tiny_config(corpus, tmp_path, epochs=1, optimizer="sgd", lr=0.0, embed_init="ppmi")
-    train(cfg)
-    weight = load_checkpoint(tmp_path / BEST).state_dict["embedding.weight"]
-    data = _Data(cfg, None)
-    vectors = ppmi_embeddings(data.train_ids, len(data.vocab), cfg.hidden_size)
-    seen = vectors.abs().sum(1) > 0
-    assert 0 < int(seen.sum()) < len(data.vocab)  # <pad> never occurs
-    scale = weight[seen].std() / vectors[seen].std()
-    assert torch.allclose(weight[seen], vectors[seen] * scale, atol=1e-6)
-    assert float(weight[seen].std()) == pytest.approx(0.2 / math.sqrt(12), rel=0.1)  # uniform(±0.1)'s spread
-    assert float(weight[~seen].abs().max()) <= 0.1  # unseen words keep their uniform start
-
-
-def test_ppmi_init_is_for_stream_mode(corpus: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="embed_init"):
-        train(tiny_config(corpus, tmp_path, mode="lines", embed_init="ppmi"))
