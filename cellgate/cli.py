@@ -52,6 +52,7 @@ def _train(args: argparse.Namespace) -> int:
             clip=args.clip,
             schedule=args.schedule,
             warmup=args.warmup,
+            decay=args.decay,
             precision=args.precision,
             softmax=args.softmax,
             samples=args.samples,
@@ -349,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--activation-reg", type=float, default=0.0, help="AR weight")
     t.add_argument("--temporal-reg", type=float, default=0.0, help="TAR weight")
     t.add_argument("--lr-floor", type=float, default=0.0, help="budget schedule: stop decaying at this fraction of lr")
+    t.add_argument("--decay", choices=("cosine", "linear"), default="cosine", help="budget schedule: the decay's shape")
     t.add_argument(
         "--average-from",
         type=float,

@@ -85,6 +85,7 @@ class TrainConfig:
     anneal: float = 4.0
     warmup: float = 0.0  # "budget" only: the fraction of the budget spent warming up linearly
     lr_floor: float = 0.0  # "budget" only: the decay stops at lr_floor * lr (a constant tail, e.g. to average)
+    decay: str = "cosine"  # "budget" only: the decay's shape, "cosine" or "linear" (straight to zero)
     # "bf16": the decoder's matmuls run under bfloat16 autocast in training; "bf16-all": the recurrence too
     precision: str = "fp32"
     softmax: str = "full"  # "sampled": the stream-mode training loss scores `samples` shared negatives
@@ -258,14 +259,16 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 def budget_lr(cfg: TrainConfig, progress: float) -> float:
-    """The "budget" schedule at `progress` in [0, 1]: linear warm-up, then cosine decay to zero.
+    """The "budget" schedule at `progress` in [0, 1]: linear warm-up, then a cosine (or linear) decay to zero.
 
-    With lr_floor the decay holds at lr_floor * lr once it gets there: SWA's constant tail.
+    With lr_floor the decay holds at lr_floor * lr once it gets there: SWA's constant tail. The linear decay
+    spends longer at middling rates than the cosine, which lingers near the peak and near zero.
     """
     if progress < cfg.warmup:
         return cfg.lr * max(progress / cfg.warmup, 0.01)
     decay = min(1.0, (progress - cfg.warmup) / max(1.0 - cfg.warmup, 1e-9))
-    return max(0.5 * cfg.lr * (1.0 + math.cos(math.pi * decay)), cfg.lr_floor * cfg.lr)
+    left = 1.0 - decay if cfg.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * decay))
+    return max(cfg.lr * left, cfg.lr_floor * cfg.lr)
 
 
 def keep_freed_memory() -> None:
@@ -382,6 +385,8 @@ def _training_parts(
         raise ValueError(
             "calibrate fits the LSTM language model's temperature on a validation stream: stream mode only"
         )
+    if cfg.decay not in ("cosine", "linear"):
+        raise ValueError(f"decay must be 'cosine' or 'linear', got {cfg.decay!r}")
     if cfg.precision not in ("fp32", "bf16", "bf16-all"):
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'bf16-all', got {cfg.precision!r}")
     if cfg.precision == "bf16-all" and not bf16_recurrence_supported():

@@ -179,7 +179,7 @@ def test_train_command_reaches_the_quality_recipe_levers(corpus: Path, tmp_path:
         "--recurrent-dropout": "0.15", "--lr": "20", "--batch-size": "10", "--schedule": "budget", "--warmup": "0.1",
         "--precision": "fp32", "--softmax": "sampled", "--samples": "64", "--rare-word-unk": "1",
         "--activation-reg": "2", "--temporal-reg": "1", "--average-from": "0.5", "--average-every": "5",
-        "--lr-floor": "0.25", "--input-dropout": "0.4", "--layer-dropout": "0.2",
+        "--lr-floor": "0.25", "--decay": "linear", "--input-dropout": "0.4", "--layer-dropout": "0.2",
         "--epochs": "1", "--seed": "3",
     }  # fmt: skip
     done = subprocess.run(
@@ -439,6 +439,12 @@ def test_budget_schedule_warms_up_then_decays_to_zero(corpus: Path, tmp_path: Pa
     assert budget_lr(floored, 0.55) == pytest.approx(1.0)  # above the floor: the same cosine
     assert budget_lr(floored, 0.9) == pytest.approx(0.5)  # cosine 0.19 there, held at the floor
     assert budget_lr(floored, 1.0) == pytest.approx(0.5)
+    linear = tiny_config(corpus, tmp_path, schedule="budget", lr=2.0, warmup=0.1, decay="linear")
+    assert budget_lr(linear, 0.1) == pytest.approx(2.0)
+    assert budget_lr(linear, 0.325) == pytest.approx(1.5)  # a quarter of the way down: the cosine is at 1.71
+    assert budget_lr(linear, 1.0) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="decay"):
+        train(tiny_config(corpus, tmp_path, schedule="budget", decay="step"))
 
 
 def test_sampled_softmax_matches_full_softmax_with_every_word_sampled() -> None:
