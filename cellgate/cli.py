@@ -56,6 +56,7 @@ def _train(args: argparse.Namespace) -> int:
             precision=args.precision,
             softmax=args.softmax,
             samples=args.samples,
+            sample_power=args.sample_power,
             rare_word_unk=args.rare_word_unk,
             activation_reg=args.activation_reg,
             temporal_reg=args.temporal_reg,
@@ -344,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["fp32", "bf16", "bf16-all"], default="fp32")
     t.add_argument("--softmax", choices=["full", "sampled"], default="full", help="training loss (eval: always full)")
     t.add_argument("--samples", type=int, default=1024, help="sampled softmax: shared negatives per batch")
+    t.add_argument(
+        "--sample-power", type=float, default=0.75, help="sampled softmax: negatives drawn in proportion to count^this"
+    )
     t.add_argument(
         "--rare-word-unk", type=float, default=0.0, help="alpha: a word seen c times becomes <unk> w.p. alpha/(alpha+c)"
     )

@@ -90,6 +90,7 @@ class TrainConfig:
     precision: str = "fp32"
     softmax: str = "full"  # "sampled": the stream-mode training loss scores `samples` shared negatives
     samples: int = 1024
+    sample_power: float = 0.75  # the negatives are drawn ∝ count^sample_power (1: the unigram, 0: uniform)
     rare_word_unk: float = 0.0  # α: a train word seen c times becomes <unk> with probability α/(α+c), per epoch
     activation_reg: float = 0.0  # AR: weight of the mean squared top-layer output
     temporal_reg: float = 0.0  # TAR: weight of the mean squared step-to-step change of that output
@@ -408,7 +409,7 @@ def _training_parts(
     if cfg.softmax == "sampled":
         if cfg.mode != "stream":
             raise ValueError("the sampled softmax is for stream mode")
-        sampler = SampledSoftmax(data.train_counts, cfg.samples)
+        sampler = SampledSoftmax(data.train_counts, cfg.samples, cfg.sample_power)
     elif cfg.softmax != "full":
         raise ValueError(f"softmax must be 'full' or 'sampled', got {cfg.softmax!r}")
     return model, optimizer, sampler

@@ -26,6 +26,7 @@ from model.train import (
     WeightAverage,
     _Data,
     _train_epoch,
+    _training_parts,
     as_trained,
     bf16_recurrence_supported,
     budget_lr,
@@ -177,8 +178,9 @@ def test_train_command_reaches_the_quality_recipe_levers(corpus: Path, tmp_path:
     flags = {
         "--hidden-size": "24", "--embed-size": "24", "--layers": "1", "--dropout": "0.3", "--embed-dropout": "0.05",
         "--recurrent-dropout": "0.15", "--lr": "20", "--batch-size": "10", "--schedule": "budget", "--warmup": "0.1",
-        "--precision": "fp32", "--softmax": "sampled", "--samples": "64", "--rare-word-unk": "1",
-        "--activation-reg": "2", "--temporal-reg": "1", "--average-from": "0.5", "--average-every": "5",
+        "--precision": "fp32", "--softmax": "sampled", "--samples": "64", "--sample-power": "0.5",
+        "--rare-word-unk": "1", "--activation-reg": "2", "--temporal-reg": "1", "--average-from": "0.5",
+        "--average-every": "5",
         "--lr-floor": "0.25", "--decay": "linear", "--input-dropout": "0.4", "--layer-dropout": "0.2",
         "--epochs": "1", "--seed": "3",
     }  # fmt: skip
@@ -571,3 +573,13 @@ def test_profile_steps_runs_the_training_step(corpus: Path, tmp_path: Path, opti
     assert ("aten::_coalesce" in names) == sparse  # sparse gradients are coalesced before clipping
     with pytest.raises(ValueError, match="fewer than"):
         profile_steps(cfg, steps=100_000)
+
+
+@pytest.mark.parametrize("power", [0.0, 0.75, 1.0])
+def test_sampled_negatives_follow_the_configured_power(corpus: Path, tmp_path: Path, power: float) -> None:
+    cfg = tiny_config(corpus, tmp_path, softmax="sampled", optimizer="sgd", sample_power=power)
+    data = _Data(cfg, None)
+    _, _, sampler = _training_parts(cfg, cfg.model_config(len(data.vocab)), data, None)
+    assert sampler is not None
+    expected = data.train_counts.double().clamp(min=1) ** power
+    torch.testing.assert_close(sampler.probs, (expected / expected.sum()).float())
