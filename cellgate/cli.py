@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cellgate.client import Client, StepResult
+    from model.train import TrainConfig
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _train(args: argparse.Namespace) -> int:
-    from model.corpus import LONGRANGE, CorpusError
-    from model.train import TrainConfig, train
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig that `cellgate train` runs for its parsed arguments."""
+    from model.corpus import LONGRANGE
+    from model.train import TrainConfig
 
     if args.corpus == LONGRANGE and not args.custom:
         from model.experiments.long_range import demo_train_config
@@ -73,6 +75,14 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.quiet,
         )
+    return cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    from model.corpus import CorpusError
+    from model.train import train
+
+    cfg = train_config(args)
     try:
         result = train(cfg, resume=args.resume)
     except CorpusError as exc:

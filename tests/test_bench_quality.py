@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 
 from bench import train_quality
+from cellgate.cli import build_parser, train_config
 from model.corpus import longrange_text
 from model.train import bf16_native
 
@@ -73,3 +75,21 @@ def test_profile_times_the_recipe_step_and_lists_its_ops(data: Path, tmp_path: P
     assert "Self CPU" in text
     assert "aten::mm" in text
     assert not (tmp_path / "run" / "best.pt").exists()  # a profile trains nothing to keep
+
+
+def test_the_docs_best_command_trains_the_best_recipe() -> None:
+    """docs/benchmarks.md gives BEST as a `cellgate train` command for one's own corpus: it must stay that recipe."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    lines = docs[docs.index("    cellgate train --corpus train.txt") :].splitlines()
+    command = []
+    for line in lines:
+        command.append(line.strip().removesuffix("\\"))
+        if not line.rstrip().endswith("\\"):
+            break
+    argv = shlex.split(" ".join(command))
+    assert argv[:2] == ["cellgate", "train"]
+    cfg = train_config(build_parser().parse_args(argv[1:]))
+    for key, value in train_quality.BEST.items():
+        if key != "precision":  # the docs leave bf16-all to CPUs with native bfloat16, as the bench does
+            assert getattr(cfg, key) == value, key
+    assert (cfg.lowercase, cfg.split, cfg.min_freq, cfg.max_minutes) == (False, "whitespace", 1, 5.0)  # the protocol
