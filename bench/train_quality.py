@@ -69,9 +69,9 @@ BEST: dict[str, Any] = {
     # Held-out text is 13.7 % <unk> (words the train portion never shows), the train portion 5.3 %: rare train words
     # become <unk> with probability 1/(1 + count), teaching the model where unknown words go (165.5 -> 154.2).
     "rare_word_unk": 1.0,
-    # Plain SGD as in the reference (AdamW 3e-3 with the same budget schedule ended at 197), annealed per batch by a
-    # cosine to zero over the 5-minute budget instead of on plateaus. lr 30 stalled one seed in three epochs at the
-    # unigram (test 214.8); 20 trains every seed tried.
+    # Plain SGD as in the reference (AdamW 3e-3 with the same budget schedule ended at 197), annealed per batch to zero
+    # over the 5-minute budget instead of on plateaus. lr 30 stalled one seed in three epochs at the unigram (test
+    # 214.8); 20 trains every seed tried.
     "optimizer": "sgd",
     "lr": 20.0,
     "schedule": "budget",
