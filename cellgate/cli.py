@@ -161,12 +161,13 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     try:
         path = resolve_checkpoint(args.checkpoint)
-        vocab = load_checkpoint(path).vocab
+        ckpt = load_checkpoint(path)
+        vocab = ckpt.vocab
         valid_ids = encode_stream(vocab, load_corpus(args.valid))
         counts = None
         if args.prior:
             counts = torch.bincount(encode_stream(vocab, load_corpus(args.prior)), minlength=len(vocab))
-        metrics = calibrate_checkpoint(path, valid_ids, counts, Path(args.out or path))
+        metrics = calibrate_checkpoint(ckpt, Path(args.out or path), valid_ids, counts)
     except (FileNotFoundError, CorpusError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

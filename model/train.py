@@ -598,7 +598,7 @@ def train(
     if cfg.calibrate and best_metrics:
         # best.pt's validation metrics are those of its weights on data.valid_ids: no second pass for them.
         best_metrics = calibrate_checkpoint(
-            out / BEST, data.valid_ids, data.train_counts, valid_as_trained=best_metrics["valid"]
+            load_checkpoint(out / BEST), out / BEST, data.valid_ids, data.train_counts, best_metrics["valid"]
         )
     return TrainResult(
         out=out,
@@ -638,13 +638,13 @@ def as_trained(ckpt: Checkpoint, log_prior: Tensor | None) -> Checkpoint:
 
 
 def calibrate_checkpoint(
-    path: Path,
+    ckpt: Checkpoint,
+    out: Path,
     valid_ids: Tensor,
     train_counts: Tensor | None = None,
-    out: Path | None = None,
     valid_as_trained: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Calibrate the checkpoint on valid_ids and write it back (or to out); returns its new metrics.
+    """Calibrate the checkpoint on valid_ids and save it to out; returns its new metrics.
 
     The model becomes softmax(z / T + γ log q): T its temperature and, with train_counts, q the training text's
     unigram distribution (add-one), both fitted on the validation text (model.evaluate.fit_calibration). A
@@ -655,9 +655,8 @@ def calibrate_checkpoint(
     has them already, measured by evaluate_stream on these valid_ids, passes them as valid_as_trained.
     """
     started = time.monotonic()
-    ckpt = load_checkpoint(path)
     if ckpt.config.temperature != 1.0 or "prior_weight" in ckpt.metrics:
-        raise ValueError(f"{path} is calibrated already (temperature {ckpt.config.temperature:.4f})")
+        raise ValueError(f"the checkpoint is calibrated already (temperature {ckpt.config.temperature:.4f})")
     model = ckpt.build_model()
     log_prior = None if train_counts is None else unigram_log_prior(train_counts)
     fit = fit_calibration(model, valid_ids, log_prior)
@@ -670,7 +669,7 @@ def calibrate_checkpoint(
         "prior_weight": fit.prior_weight,
         "calibration_seconds": time.monotonic() - started,
     }
-    save_checkpoint(out or path, calibrated)
+    save_checkpoint(out, calibrated)
     return calibrated.metrics
 
 
