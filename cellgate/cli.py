@@ -70,6 +70,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             bptt=args.bptt,
             epochs=args.epochs,
             patience=args.patience,
+            validate_from=args.validate_from,
             max_minutes=args.max_minutes,
             mode=args.mode,
             seed=args.seed,
@@ -380,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bptt", type=int, default=35)
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--patience", type=int, default=3)
+    t.add_argument(
+        "--validate-from",
+        type=float,
+        default=0.0,
+        help="validate (and keep a best checkpoint) only for epochs ending past this fraction of training; "
+        "the last epoch always validates (not with --schedule plateau)",
+    )
     t.add_argument("--mode", choices=["stream", "lines"], default="stream")
     t.set_defaults(func=_train)
 
