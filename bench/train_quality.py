@@ -259,7 +259,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "train_loss": round(e["train_loss"], 4),
                 # None for an epoch that validate_from left unvalidated
                 "valid_perplexity": round(e["valid"]["perplexity"], 2) if "valid" in e else None,
-                "batch_size": e["batch_size"],
                 "train_tokens_per_second": round(e["train_tokens_per_second"]),
                 "elapsed_seconds": round(e["elapsed_seconds"], 1),
             }

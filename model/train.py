@@ -103,10 +103,6 @@ class TrainConfig:
     # validation perplexity (calibrate_checkpoint; stream mode, the LSTM language model).
     calibrate: bool = False
     batch_size: int = 20
-    # Larger batches later in training, as [[fraction, batch_size], ...]: an epoch that starts at or past a
-    # fraction of training (the budget, or `epochs` without one) uses that batch size (stream mode). Early on
-    # updates are what a budget runs short of; late, with the rate decayed, a larger batch runs more tokens/s.
-    batch_growth: list[list[float]] = field(default_factory=list)
     bptt: int = 35
     epochs: int = 40
     patience: int = 3  # epochs without validation improvement before stopping
@@ -211,26 +207,23 @@ class _Data:
         grown = start + (cfg.gap_max - start) * min(1.0, epoch / cfg.curriculum_epochs)
         return max(cfg.gap_min, int(grown))
 
-    def train_batches(
-        self, epoch: int, rng: random.Random, gap_max: int, batch_size: int | None = None
-    ) -> list[tuple[Tensor, Tensor]]:
+    def train_batches(self, epoch: int, rng: random.Random, gap_max: int) -> list[tuple[Tensor, Tensor]]:
         cfg = self.cfg
-        batch_size = batch_size or cfg.batch_size
         if cfg.mode == "stream":
-            ids = self.train_ids
+            streams = self.train_streams
             if cfg.rare_word_unk > 0:
                 # A fresh draw each epoch, fixed by (seed, epoch) so that --resume replays it.
                 generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
                 unk = self.vocab.unk_id
                 ids = rare_words_to_unk(self.train_ids, self.train_counts, cfg.rare_word_unk, unk, generator)
-            streams = self.train_streams if ids is self.train_ids and batch_size == cfg.batch_size else None
-            return list(stream_windows(batchify(ids, batch_size) if streams is None else streams, cfg.bptt))
+                streams = batchify(ids, cfg.batch_size)
+            return list(stream_windows(streams, cfg.bptt))
         lines = self.train_lines
         if self.longrange:
             # Fresh episodes every epoch (no memorisation) with the curriculum's largest gap.
             text = longrange_text(cfg.seed * 7919 + epoch, cfg.episodes, cfg.gap_min, gap_max)
             lines = encode_lines(self.vocab, text)
-        return line_batches(lines, batch_size, self.vocab.pad_id, rng)
+        return line_batches(lines, cfg.batch_size, self.vocab.pad_id, rng)
 
     def validate(self, model: LanguageModel) -> dict[str, Any]:
         if self.cfg.mode == "stream":
@@ -268,16 +261,6 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
-
-
-def batch_size_at(cfg: TrainConfig, progress: float) -> int:
-    """The batch size of an epoch that starts at `progress` (a fraction of training): batch_growth's last step
-    reached, else batch_size."""
-    size = cfg.batch_size
-    for fraction, grown in sorted(cfg.batch_growth):
-        if progress >= fraction:
-            size = int(grown)
-    return size
 
 
 def budget_lr(cfg: TrainConfig, progress: float) -> float:
@@ -409,13 +392,6 @@ def _training_parts(
         )
     if cfg.decay not in ("cosine", "linear"):
         raise ValueError(f"decay must be 'cosine' or 'linear', got {cfg.decay!r}")
-    if cfg.batch_growth and (
-        cfg.mode != "stream"
-        or any(len(step) != 2 or not 0 <= step[0] <= 1 or int(step[1]) != step[1] or step[1] < 1 for step in cfg.batch_growth)
-    ):
-        raise ValueError(
-            f"batch_growth wants [[fraction in [0, 1], batch size >= 1], ...] and stream mode, got {cfg.batch_growth}"
-        )
     if not 0 <= cfg.validate_from <= 1 or (
         cfg.validate_from > 0 and (cfg.schedule == "plateau" or cfg.curriculum_mastery is not None)
     ):
@@ -563,8 +539,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             gap_max = curriculum_gap if cfg.curriculum_mastery is not None else data.gap_max(epoch)
-            batch_size = batch_size_at(cfg, progress(0.0))
-            batches = data.train_batches(epoch, rng, gap_max, batch_size)
+            batches = data.train_batches(epoch, rng, gap_max)
             epoch_started = time.monotonic()
             schedule = progress if cfg.schedule == "budget" else None
             stats = _train_epoch(
@@ -577,10 +552,11 @@ def train(
             entry: dict[str, Any] = {
                 "epoch": epoch,
                 "lr": lr,
-                "batch_size": batch_size,
                 "train_loss": stats["loss"],
                 "train_tokens_per_second": stats["tokens"] / max(stats["seconds"], 1e-9),
             }
+            if data.longrange:
+                entry["gap_max"] = gap_max
             out_of_time = deadline is not None and time.monotonic() >= deadline
             last_epoch = stats["stopped_early"] or out_of_time or epoch == cfg.epochs
             last_metrics: dict[str, Any] = {"epoch": epoch}
@@ -596,7 +572,6 @@ def train(
                     entry["weights"] = "average" if weights is average.model else "current"
                 entry["valid"] = valid
                 if data.longrange:
-                    entry["gap_max"] = gap_max
                     # Probed on the weights this epoch would checkpoint, so best.pt's metrics describe best.pt.
                     entry["long_range"] = long_range_accuracy(as_language_model(weights), data.vocab, per_bucket=50)
                     if cfg.curriculum_mastery is not None and mastered(
@@ -625,7 +600,7 @@ def train(
             out_of_time = deadline is not None and time.monotonic() >= deadline
             if stats["stopped_early"] or out_of_time or stale >= cfg.patience:
                 break
-            if data.longrange and cfg.target_accuracy is not None and entry["gap_max"] >= cfg.gap_max:
+            if "long_range" in entry and cfg.target_accuracy is not None and entry["gap_max"] >= cfg.gap_max:
                 near = [v["accuracy"] for k, v in entry["long_range"].items() if int(k.split("-")[0]) < 60]
                 if min(near) >= cfg.target_accuracy:
                     break
@@ -774,7 +749,7 @@ def _train_epoch(
     lm = as_language_model(model)
     lines = cfg.mode == "lines"
     ignore_index = pad_id if lines else -100
-    state = None  # each epoch's streams start from zero, as many as its batches have (batch_growth)
+    state = None if lines else lm.zero_state(cfg.batch_size)
     total_loss = 0.0
     total_tokens = 0
     started = time.monotonic()
@@ -789,7 +764,7 @@ def _train_epoch(
         if progress is not None:
             for group in optimizer.param_groups:
                 group["lr"] = budget_lr(cfg, progress(index / len(batches)))
-        state = lm.zero_state(inputs.shape[0]) if lines or state is None else detach_state(state)
+        state = lm.zero_state(inputs.shape[0]) if lines else detach_state(state)
         objective, loss, state = _loss(model, inputs, targets, state, cfg, ignore_index, sampler)
         optimizer.zero_grad(set_to_none=True)
         objective.backward()  # type: ignore[no-untyped-call]

@@ -28,7 +28,6 @@ from model.train import (
     _train_epoch,
     _training_parts,
     as_trained,
-    batch_size_at,
     bf16_recurrence_supported,
     budget_lr,
     clip_grad_norm,
@@ -450,27 +449,6 @@ def test_budget_schedule_warms_up_then_decays_to_zero(corpus: Path, tmp_path: Pa
         train(tiny_config(corpus, tmp_path, schedule="budget", decay="step"))
 
 
-def test_batch_growth_switches_the_batch_size_at_its_fractions(corpus: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(corpus, tmp_path, epochs=4, schedule="cosine", batch_growth=[[0.5, 16], [0.25, 12]])
-    assert [batch_size_at(cfg, p) for p in (0.0, 0.24, 0.25, 0.49, 0.5, 1.0)] == [8, 8, 12, 12, 16, 16]
-    data = _Data(cfg, None)
-    for size in (8, 12, 16):
-        batches = data.train_batches(1, random.Random(0), cfg.gap_max, size)
-        assert {inputs.shape[0] for inputs, _ in batches} == {size}
-        # every token of the size streams is a target once, in order along each stream
-        targets = torch.cat([t for _, t in batches], dim=1)
-        assert targets.numel() == (data.train_ids.numel() // size) * size - size
-    result = train(cfg)
-    # The epochs start at 0, 1/4, 1/2 and 3/4 of training.
-    assert [entry["batch_size"] for entry in result.log] == [8, 12, 16, 16]
-    assert result.log[-1]["train_loss"] < result.log[0]["train_loss"]
-    for wrong in ([[1.5, 16]], [[0.5, 0]], [[0.5, 12.5]], [[0.5]]):
-        with pytest.raises(ValueError, match="batch_growth"):
-            train(tiny_config(corpus, tmp_path / "wrong", schedule="cosine", batch_growth=wrong))
-    with pytest.raises(ValueError, match="batch_growth"):
-        train(tiny_config(corpus, tmp_path / "lines", mode="lines", schedule="cosine", batch_growth=[[0.5, 16]]))
-
-
 def test_validate_from_skips_validation_until_late_in_training(corpus: Path, tmp_path: Path) -> None:
     result = train(tiny_config(corpus, tmp_path, epochs=4, schedule="cosine", validate_from=0.6))
     # Epochs end at 1/4, 1/2, 3/4 and all of training: the first two before 0.6.
@@ -480,8 +458,14 @@ def test_validate_from_skips_validation_until_late_in_training(corpus: Path, tmp
     assert "valid" in load_checkpoint(tmp_path / LAST).metrics
     # The epoch a budget ends in validates, however early: best.pt always exists.
     cut = train(tiny_config(corpus, tmp_path / "cut", epochs=4, schedule="budget", max_minutes=1e-6, validate_from=1.0))
-    assert len(cut.log) == 1 and "valid" in cut.log[0]
+    assert len(cut.log) == 1
+    assert "valid" in cut.log[0]
     assert (tmp_path / "cut" / BEST).exists()
+    # builtin:longrange probes only the validated epochs; a target accuracy stops at the first that reaches it.
+    probed = train(
+        tiny_train_config(tmp_path / "lr", schedule="cosine", epochs=4, validate_from=0.6, target_accuracy=0.0)
+    )
+    assert ["long_range" in entry for entry in probed.log] == [False, False, True]
     for schedule, value in (("plateau", 0.5), ("cosine", 1.5)):
         with pytest.raises(ValueError, match="validate_from"):
             train(tiny_config(corpus, tmp_path / "wrong", schedule=schedule, validate_from=value))
