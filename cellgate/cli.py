@@ -86,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = train_config(args)
     try:
         result = train(cfg, resume=args.resume)
-    except CorpusError as exc:
+    except (CorpusError, ValueError) as exc:  # a bad corpus, or flags no training step could run with
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

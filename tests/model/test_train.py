@@ -197,6 +197,28 @@ def test_train_command_reaches_the_quality_recipe_levers(corpus: Path, tmp_path:
         assert str(config[key]) == value or config[key] == float(value), key
 
 
+def test_train_command_refuses_flags_no_step_could_run_with(corpus: Path, tmp_path: Path) -> None:
+    """A configuration train() refuses is a one-line error and exit 2, not a traceback, and writes no checkpoint."""
+    out = tmp_path / "refused"
+    for flags, message in (
+        (["--schedule", "budget", "--validate-from", "2"], "validate_from must be in [0, 1]"),
+        (["--validate-from", "0.5"], "plateau schedule"),  # the default schedule acts on every validation
+        (["--rare-word-unk", "-1"], "rare_word_unk must be >= 0"),
+        (["--batch-size", "100000"], "too few for batch size"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "cellgate.cli", "train", "--corpus", str(corpus), "--out", str(out), "--quiet",
+             "--epochs", "1", *flags],
+            capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 2, (flags, done.stderr)
+        assert done.stderr.startswith("error: "), flags
+        assert message in done.stderr, (flags, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert not (out / LAST).exists()
+    assert not (out / BEST).exists()
+
+
 def test_weight_average_is_the_mean_of_the_steps_it_samples() -> None:
     model = torch.nn.Linear(3, 2)
     average = WeightAverage(model, start=0.5, every=2)
