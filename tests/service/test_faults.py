@@ -38,6 +38,7 @@ from tests.service.harness import service_core
 log = logging.getLogger(__name__)
 K = 10  # suggestions compared per step: more probabilities, a stricter bit-for-bit check
 SOAK = os.environ.get("CELLGATE_SOAK") == "1"
+SOAK_SECONDS = float(os.environ.get("CELLGATE_SOAK_SECONDS", "300"))  # the soak's length
 
 
 def vocabulary(bundle: Path) -> list[str]:
@@ -468,9 +469,10 @@ def test_soak_overload_for_30_seconds(tiny_bundle: Path) -> None:
 
 
 @pytest.mark.skipif(not SOAK, reason="soak: run with `make soak` (CELLGATE_SOAK=1)")
+@pytest.mark.timeout(SOAK_SECONDS + 600)  # however long the soak is asked to run, with 10 minutes to spare
 def test_soak_rss_stays_flat_for_5_minutes(tiny_bundle: Path, redis_server: RedisServer) -> None:
     """Sessions created, streamed, stepped and deleted for 5 minutes: RSS grows < 10 % after warm-up."""
-    seconds = float(os.environ.get("CELLGATE_SOAK_SECONDS", "300"))
+    seconds = SOAK_SECONDS
     texts = phrases(tiny_bundle, 50)
 
     async def traffic(server: ServerProcess, until: float) -> int:
