@@ -110,7 +110,12 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         result = export_checkpoint(
-            Path(args.checkpoint), Path(args.out), args.quantize, not args.skip_parity, args.force
+            Path(args.checkpoint),
+            Path(args.out),
+            args.quantize,
+            not args.skip_parity,
+            args.force,
+            Path(args.blocklist) if args.blocklist else None,
         )
     except (ParityError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -397,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantize", choices=["int8"], help="also quantize weights")
     e.add_argument("--skip-parity", action="store_true", help="do not run the parity checks (not recommended)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    e.add_argument(
+        "--blocklist", help="ship this blocklist in the bundle: words never suggested or sampled (one per line)"
+    )
     e.set_defaults(func=_export)
 
     s = sub.add_parser("serve", help="serve a bundle over HTTP (settings: CELLGATE_* environment variables)")

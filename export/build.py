@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.bundle import MANIFEST, load_bundle, write_manifest
+from export.bundle import BLOCKLIST_FILE, MANIFEST, load_bundle, read_blocklist, write_manifest
 from export.onnx import EXPLAIN_GRAPH, OPSET, STEP_GRAPH, Weights, build_explain_graph, build_step_graph
 from export.parity import ParityReport, check_parity
 from model.checkpoint import load_checkpoint
@@ -32,9 +32,19 @@ class ExportResult:
 
 
 def export_checkpoint(
-    checkpoint: Path, out: Path, quantize: str | None = None, check: bool = True, force: bool = False
+    checkpoint: Path,
+    out: Path,
+    quantize: str | None = None,
+    check: bool = True,
+    force: bool = False,
+    blocklist: Path | None = None,
 ) -> ExportResult:
-    """Write a bundle for checkpoint into out (a new directory, swapped in atomically at the end)."""
+    """Write a bundle for checkpoint into out (a new directory, swapped in atomically at the end).
+
+    blocklist: a file of words the service must never suggest or sample, shipped in the bundle (none by default).
+    """
+    if blocklist is not None:
+        read_blocklist(blocklist)  # refuse a malformed file before any work, as the service would at load
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.build_model()
     vocab = ckpt.vocab
@@ -48,6 +58,8 @@ def export_checkpoint(
         onnx.save(build_step_graph(weights, excluded), staging / STEP_GRAPH)
         onnx.save(build_explain_graph(weights, excluded), staging / EXPLAIN_GRAPH)
         vocab.save(staging / VOCAB_FILE)
+        if blocklist is not None:
+            shutil.copyfile(blocklist, staging / BLOCKLIST_FILE)
         report = check_parity(model, staging / STEP_GRAPH, staging / EXPLAIN_GRAPH) if check else ParityReport()
         if check and not report.ok:
             raise ParityError("ONNX parity check failed: " + "; ".join(report.failures))
@@ -62,6 +74,7 @@ def export_checkpoint(
                 "config": ckpt.config.to_dict(),
                 "graphs": {"step": STEP_GRAPH, "explain": EXPLAIN_GRAPH},
                 "vocab": VOCAB_FILE,
+                **({"blocklist": BLOCKLIST_FILE} if blocklist is not None else {}),
                 "quantized": quantize,
                 "quantization": quant_report,
                 "training": {"metrics": ckpt.metrics, "epoch": ckpt.epoch, "seed": ckpt.seed},

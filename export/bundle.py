@@ -10,11 +10,17 @@ manifest.json (format_version 1):
     config           LSTMConfig as a dict (vocab_size, hidden_size, num_layers, ...)
     graphs           {"step": file, "explain": file}
     vocab            file name of the vocabulary (model/vocab.py format)
+    blocklist        optional: file name of the words never suggested (service/completion.py format)
     quantized        null or "int8"
     training         metrics recorded in the checkpoint
     versions         exporter, onnx, onnxruntime, torch, opset
     parity           the report of export.parity.check_parity at export time
     files            {name: {"sha256": hex, "bytes": int}} for every other file in the bundle
+
+Blocklist files (a bundle's, or the one CELLGATE_BLOCKLIST names; see `read_blocklist`): UTF-8 text, one
+word per line; blank lines and lines starting with `#` are ignored; surrounding whitespace is stripped; an
+entry with whitespace inside is refused (the model's tokens are single words). How entries match the
+vocabulary is service/completion.py's.
 """
 
 from __future__ import annotations
@@ -29,10 +35,32 @@ from typing import Any
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+BLOCKLIST_FILE = "blocklist.txt"
 
 
 class BundleError(ValueError):
     """A bundle that is missing, incomplete, tampered with or of an unknown format."""
+
+
+class BlocklistError(ValueError):
+    """A blocklist file that cannot be read, or that holds an entry that is not one word."""
+
+
+def read_blocklist(path: Path) -> list[str]:
+    """The entries of a blocklist file (format in this module's docstring)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BlocklistError(f"blocklist {path} cannot be read as UTF-8 text: {exc}") from exc
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if any(ch.isspace() for ch in entry):
+            raise BlocklistError(f"{path}:{number}: {entry!r} is not one word (a blocklist holds one word per line)")
+        entries.append(entry)
+    return entries
 
 
 @dataclass(frozen=True)
@@ -60,6 +88,11 @@ class Bundle:
     @property
     def vocab_path(self) -> Path:
         return self.path / str(self.manifest["vocab"])
+
+    @property
+    def blocklist_path(self) -> Path | None:
+        name = self.manifest.get("blocklist")
+        return self.path / str(name) if name else None
 
     @property
     def quantized(self) -> str | None:
@@ -125,6 +158,8 @@ def load_bundle(path: Path | str) -> Bundle:
             raise BundleError(f"{manifest_path} lacks the field {key!r}")
     files: dict[str, dict[str, Any]] = manifest["files"]
     needed = {manifest["vocab"], *[name for name in manifest["graphs"].values() if name]}
+    if manifest.get("blocklist"):
+        needed.add(manifest["blocklist"])
     for name in sorted(needed - set(files)):
         raise BundleError(f"{manifest_path} names {name} but lists no hash for it")
     for name, meta in sorted(files.items()):

@@ -72,17 +72,21 @@ def _words_with_marks(line: str) -> list[str]:
     return tokens
 
 
+def normalize(text: str, lowercase: bool = True) -> str:
+    """Rules 1 and 2: NFKC, then lowercase if asked (what every token, and a typed prefix, is matched in)."""
+    if not text.isascii():  # ASCII is already NFKC-normal: the common case skips the call
+        text = unicodedata.normalize("NFKC", text)
+    return text.lower() if lowercase else text
+
+
 def tokenize(text: str, lowercase: bool = True, split: str = "words", version: int = TOKENIZER_VERSION) -> list[str]:
     """Split text into word tokens by the rules in this module's docstring (of the given version)."""
     if split not in SPLIT_MODES:
         raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
     if version not in READABLE_VERSIONS:
         raise ValueError(f"unsupported tokenizer version {version!r} (this build reads {READABLE_VERSIONS})")
-    ascii_only = text.isascii()
-    if not ascii_only:  # ASCII is already NFKC-normal and has no combining marks: the common case skips both
-        text = unicodedata.normalize("NFKC", text)
-    if lowercase:
-        text = text.lower()
+    ascii_only = text.isascii()  # ASCII has no combining marks either (rule 4)
+    text = normalize(text, lowercase)
     joins_marks = version >= 2 and not ascii_only
     tokens: list[str] = []
     lines = text.splitlines()
@@ -157,6 +161,10 @@ class Vocabulary:
 
     def tokenize(self, text: str) -> list[str]:
         return tokenize(text, self.lowercase, self.split, self.tokenizer_version)
+
+    def normalize(self, text: str) -> str:
+        """Text as this vocabulary's tokens are spelled (NFKC, lowercased if the vocabulary is)."""
+        return normalize(text, self.lowercase)
 
     def encode(self, text: str) -> tuple[list[int], list[str]]:
         """Token ids for text, and the distinct words that were not in the vocabulary."""

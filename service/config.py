@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimization level."
     )
+    blocklist: Path | None = Field(
+        None,
+        description="A blocklist file (one word per line, service/completion.py): words never suggested or "
+        "sampled, on top of the bundle's own blocklist.txt.",
+    )
 
     # HTTP
     host: str = Field("127.0.0.1", description="Bind address; 127.0.0.1 unless you mean to expose it.")

@@ -96,6 +96,15 @@ class Metrics:
             "cellgate_store_errors", "Session store operations that failed.", ["operation"], registry=r
         )
         self.errors = Counter("cellgate_errors", "Error responses by machine code.", ["code"], registry=r)
+        self.blocked_words = Gauge(
+            "cellgate_blocked_words", "Vocabulary words the blocklists keep out of every answer.", registry=r
+        )
+        self.blocked_suggestions = Counter(
+            "cellgate_blocked_suggestions",
+            "Blocked words withheld from an answer they would have been in, by where.",
+            ["where"],
+            registry=r,
+        )  # where: predictions (ranked next words), completion (a prefix's words), generation (the most likely word)
         self.model_info = Gauge(
             "cellgate_model_info",
             "The model being served (value is always 1).",

@@ -11,9 +11,10 @@ def sample(
     temperature: float,
     top_k: int,
     top_p: float,
-    banned: list[int],
+    banned: np.ndarray,
 ) -> int:
-    """One word id from log-probabilities (V,); temperature 0 is greedy. Deterministic for an rng state."""
+    """One word id from log-probabilities (V,), never a banned id; temperature 0 is greedy. Deterministic for an
+    rng state."""
     scores = log_probs.astype(np.float64).copy()
     scores[banned] = -np.inf
     if temperature <= 0:

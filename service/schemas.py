@@ -5,12 +5,15 @@ from __future__ import annotations
 import unicodedata
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 _ALLOWED_CONTROLS = {"\n", "\r", "\t"}
 # The same rule as _check_text, stated in the OpenAPI schema so that clients (and fuzzers) know it.
 # (Lone surrogates are refused too, but a pattern cannot name them: they are not Unicode scalar values.)
 TEXT_PATTERN = "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*$"
+# A prefix is part of one word: no whitespace (Python's \s, which is str.isspace) and no control character.
+PREFIX_PATTERN = "^[^\\s\\u0000-\\u001F\\u007F-\\u009F]*$"
+MAX_PREFIX_CHARS = 64
 
 
 def _json_number(value: object) -> object:
@@ -39,20 +42,60 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check_prefix(value: str | None) -> str | None:
+    if value is not None:
+        _check_text(value)  # lone surrogates, which no pattern can name
+        if any(ch.isspace() for ch in value):
+            raise ValueError("prefix is the word being typed and must not contain whitespace; send words as text")
+    return value
+
+
 class TextIn(Strict):
     text: str = Field(
+        "",
         description="Words to feed, tokenized by the model's rules (unknown words become <unk>).",
         json_schema_extra={"pattern": TEXT_PATTERN},
     )
     k: JsonInt = Field(5, ge=1, description="How many next-word suggestions to return (capped by CELLGATE_MAX_K).")
+    prefix: str | None = Field(
+        None,
+        max_length=MAX_PREFIX_CHARS,
+        description="The word being typed: predictions become the k most probable vocabulary words starting with "
+        "it (case and Unicode normalised as text is), their probabilities renormalised over every matching word "
+        "(see `completion` in the response). It never advances the state: with no text the request changes nothing.",
+        json_schema_extra={"pattern": PREFIX_PATTERN},
+    )
 
     @field_validator("text")
     @classmethod
     def _valid_text(cls, value: str) -> str:
         return _check_text(value)
 
+    @field_validator("prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str | None) -> str | None:
+        return _check_prefix(value)
 
-class PredictRequest(TextIn):
+
+# What TextOrPrefix's validator enforces, stated in the schema: a text, or a prefix alone (a string, not null).
+_TEXT_OR_PREFIX: dict[str, Any] = {
+    "anyOf": [{"required": ["text"]}, {"required": ["prefix"], "properties": {"prefix": {"type": "string"}}}]
+}
+
+
+class TextOrPrefix(TextIn):
+    """A body that feeds text, or only completes the word being typed (a prefix alone)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_TEXT_OR_PREFIX)
+
+    @model_validator(mode="after")
+    def _text_or_prefix(self) -> TextOrPrefix:
+        if "text" not in self.model_fields_set and self.prefix is None:
+            raise ValueError("text is required (or a prefix alone, to complete the word being typed)")
+        return self
+
+
+class PredictRequest(TextOrPrefix):
     pass
 
 
@@ -62,7 +105,7 @@ class CreateSessionRequest(TextIn):
     )
 
 
-class StepRequest(TextIn):
+class StepRequest(TextOrPrefix):
     if_step: StepNumber | None = Field(
         None, description="Apply only if the session is at this step (exactly-once retries)."
     )
@@ -89,16 +132,27 @@ class Prediction(BaseModel):
     prob: float
 
 
+class CompletionInfo(BaseModel):
+    """Present when the request gave a prefix: what the predictions were chosen from and renormalised over."""
+
+    prefix: str = Field(description="The prefix as matched: normalised the way text is tokenized.")
+    matches: int = Field(description="Suggestable vocabulary words starting with it (0: an empty answer).")
+    mass: float = Field(description="Their total probability under the model; each prob is p(word) / mass.")
+    renormalised: bool = Field(description="Always true: probs sum to 1 over the matching words.")
+
+
 class PredictResponse(BaseModel):
     predictions: list[Prediction]
     tokens: int
     unknown: list[str]
+    completion: CompletionInfo | None = None
 
 
 class SessionResponse(BaseModel):
     session_id: str
     step: int
     predictions: list[Prediction]
+    completion: CompletionInfo | None = None
     expires_at: float = Field(description="Unix time at which the session expires if left idle.")
     unknown: list[str] = Field(default_factory=list)
     explain: dict[str, Any] | None = None

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from model.vocab import detokenize
+from service.completion import Completer, blocklist_entries
 from service.config import Settings
 from service.errors import (
     HistoryExhausted,
@@ -110,6 +111,13 @@ class SessionManager:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._encoded: dict[str, Encoded] = {}
         self._store_timers: dict[str, Any] = {}
+        vocab = self.vocab
+        blocklists = [runner.bundle.blocklist_path, settings.blocklist]
+        # The specials are never a completion of a typed word (<eos> is still a next word).
+        specials = (vocab.pad_id, vocab.unk_id, vocab.eos_id)
+        self.completer = Completer(vocab.words, vocab.normalize, specials, blocklist_entries(blocklists))
+        metrics.blocked_words.set(self.completer.blocked_count)
+        self._banned = self.completer.banned([vocab.pad_id, vocab.unk_id])  # never sampled
         zero_h, zero_c = runner.zero_state(1)
         # One immutable zero state shared by every session's first snapshot (bytes are never mutated).
         self._zero_state = encode_state(zero_h[:, 0], zero_c[:, 0])
@@ -134,10 +142,21 @@ class SessionManager:
             self._encoded[text] = encoded
         return encoded
 
-    def predictions(self, output: StepOutput) -> list[dict[str, Any]]:
-        words = self.vocab.words
-        probs = np.exp(output.top_log_probs.astype(np.float64)).tolist()
-        return [{"word": words[i], "prob": p} for i, p in zip(output.top_ids.tolist(), probs, strict=True)]
+    async def _run(
+        self, tokens: Sequence[int], hidden: np.ndarray, cell: np.ndarray, k: int, prefix: str | None
+    ) -> StepOutput:
+        """One scheduler call with what `suggestions` needs: the top list, or for a prefix the full row."""
+        if prefix is None:
+            return await self.scheduler.submit(tokens, hidden, cell, self.completer.fetch_k(k))
+        return await self.scheduler.submit(tokens, hidden, cell, 1, want_log_probs=True)
+
+    def suggestions(self, output: StepOutput, k: int, prefix: str | None = None) -> dict[str, Any]:
+        """The ranked answer of one output: {"predictions"}, and for a prefix its {"completion"} too."""
+        ranked = self.completer.rank(output.top_ids, output.top_log_probs, output.log_probs, k, prefix)
+        if ranked.withheld:
+            where = "predictions" if prefix is None else "completion"
+            self.metrics.blocked_suggestions.labels(where).inc(ranked.withheld)
+        return ranked.body(self.vocab.words)
 
     def expires_at(self, record: SessionRecord) -> float:
         return record.last_used_at + self.store.ttl_seconds
@@ -194,16 +213,19 @@ class SessionManager:
         drop = len(all_tokens) - (step - kept[0].step)
         return {"history": kept, "history_tokens": all_tokens[drop:]}
 
-    def _response(self, record: SessionRecord, predictions: list[dict[str, Any]]) -> dict[str, Any]:
+    def _response(self, record: SessionRecord, suggestions: dict[str, Any]) -> dict[str, Any]:
         return {
             "session_id": record.session_id,
             "step": record.step,
-            "predictions": predictions,
+            "predictions": suggestions["predictions"],
             "expires_at": self.expires_at(record),
+            **({"completion": suggestions["completion"]} if "completion" in suggestions else {}),
         }
 
     @staticmethod
-    def fingerprint(kind: str, if_step: int | None, payload: str) -> str:
+    def fingerprint(kind: str, if_step: int | None, payload: str, prefix: str | None = None) -> str:
+        if prefix is not None:  # the answer depends on it; text holds no NUL (the schemas refuse controls)
+            payload = f"{payload}\0prefix\0{prefix}"
         digest = hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:32]
         return f"{kind}:{if_step}:{digest}"
 
@@ -212,20 +234,19 @@ class SessionManager:
 
     # ----- operations -----------------------------------------------------------------------------
 
-    async def predict(self, text: str, k: int) -> Reply:
-        """Stateless: the text from a zero state."""
+    async def predict(self, text: str, k: int, prefix: str | None = None) -> Reply:
+        """Stateless: the text from a zero state (and the word being typed, when a prefix is given)."""
         encoded = self.encode(text)
         hidden, cell = self.runner.zero_state(1)
-        output = await self.scheduler.submit(encoded.ids, hidden[:, 0], cell[:, 0], k)
+        output = await self._run(encoded.ids, hidden[:, 0], cell[:, 0], k, prefix)
         self.metrics.tokens.labels("prefill").inc(len(encoded.ids))
-        return Reply.of(
-            {"predictions": self.predictions(output), "tokens": len(encoded.ids), "unknown": encoded.unknown}
-        )
+        suggestions = self.suggestions(output, k, prefix)
+        return Reply.of({**suggestions, "tokens": len(encoded.ids), "unknown": encoded.unknown})
 
-    async def create(self, text: str, k: int, owner: str) -> Reply:
+    async def create(self, text: str, k: int, owner: str, prefix: str | None = None) -> Reply:
         encoded = self.encode(text)
         hidden, cell = self.runner.zero_state(1)
-        output = await self.scheduler.submit(encoded.ids, hidden[:, 0], cell[:, 0], k)
+        output = await self._run(encoded.ids, hidden[:, 0], cell[:, 0], k, prefix)
         now = time.time()
         zero = self._zero_state
         base = SessionRecord(
@@ -245,7 +266,7 @@ class SessionManager:
         await self._timed("create", self.store.create(record))
         self.metrics.sessions_created.inc()
         self.metrics.tokens.labels("prefill").inc(len(encoded.ids))
-        response = self._response(record, self.predictions(output))
+        response = self._response(record, self.suggestions(output, k, prefix))
         response["unknown"] = encoded.unknown
         return Reply.of(response)
 
@@ -270,11 +291,20 @@ class SessionManager:
             self.metrics.sessions_ended.labels("deleted").inc()
 
     async def step(
-        self, session_id: str, text: str, k: int, if_step: int | None, owner: str, explain: bool = False
+        self,
+        session_id: str,
+        text: str,
+        k: int,
+        if_step: int | None,
+        owner: str,
+        explain: bool = False,
+        prefix: str | None = None,
     ) -> Reply:
-        """Advance the session through text, exactly once per if_step."""
+        """Advance the session through text, exactly once per if_step; a prefix alone reads and changes nothing."""
         encoded = self.encode(text)
-        fingerprint = self.fingerprint("step", if_step, text)
+        if prefix is not None and not encoded.ids:
+            return await self._complete(session_id, k, if_step, owner, explain, prefix)
+        fingerprint = self.fingerprint("step", if_step, text, prefix)
         async with self._ordered(session_id):
             for _ in range(CAS_ATTEMPTS):
                 record = await self._load(session_id, owner)
@@ -282,8 +312,8 @@ class SessionManager:
                 if replay is not None:
                     return replay
                 hidden, cell = self._state(record)
-                output = await self.scheduler.submit(encoded.ids, hidden, cell, k)
-                reply, updated = self._apply(record, encoded, output, fingerprint)
+                output = await self._run(encoded.ids, hidden, cell, k, prefix)
+                reply, updated = self._apply(record, encoded, self.suggestions(output, k, prefix), output, fingerprint)
                 if await self._write(updated, record.revision):
                     self.metrics.tokens.labels("step").inc(len(encoded.ids))
                     if explain:
@@ -291,6 +321,22 @@ class SessionManager:
                     return reply
                 # Another replica wrote first: with if_step the next pass reports the conflict or replays.
             raise StepConflict(record.step, "the session kept changing under this request; retry")
+
+    async def _complete(
+        self, session_id: str, k: int, if_step: int | None, owner: str, explain: bool, prefix: str
+    ) -> Reply:
+        """Complete the word being typed from the session's state: the state, step and record stay as they are."""
+        async with self._ordered(session_id):  # in order with the steps around it, as a step would be
+            record = await self._load(session_id, owner)
+            if if_step is not None and if_step != record.step:
+                self.metrics.step_conflicts.inc()
+                raise StepConflict(record.step, f"if_step is {if_step} but the session is at step {record.step}")
+            hidden, cell = self._state(record)
+            output = await self._run((), hidden, cell, k, prefix)
+            reply = {**self._response(record, self.suggestions(output, k, prefix)), "unknown": []}
+            if explain:
+                reply["explain"] = self._explain((), hidden, cell)
+            return Reply.of(reply)
 
     def _check_if_step(self, record: SessionRecord, if_step: int | None, fingerprint: str) -> Reply | None:
         if if_step is None or if_step == record.step:
@@ -302,14 +348,13 @@ class SessionManager:
         raise StepConflict(record.step, f"if_step is {if_step} but the session is at step {record.step}")
 
     def _apply(
-        self, record: SessionRecord, encoded: Encoded, output: StepOutput, fingerprint: str
+        self, record: SessionRecord, encoded: Encoded, suggestions: dict[str, Any], output: StepOutput, fingerprint: str
     ) -> tuple[Reply, SessionRecord]:
         state = encode_state(output.hidden, output.cell)
         step = record.step + len(encoded.ids)
-        predictions = self.predictions(output)
         now = time.time()
         draft = record.evolve(step=step, state=state, last_used_at=now)
-        reply = Reply.of({**self._response(draft, predictions), "unknown": encoded.unknown})
+        reply = Reply.of({**self._response(draft, suggestions), "unknown": encoded.unknown})
         updated = replace(
             draft,
             last_request=fingerprint,
@@ -343,10 +388,10 @@ class SessionManager:
             last_request="",
             last_response=b"",
         )
-        output = await self.scheduler.submit([], hidden, cell, 5)
+        output = await self._run([], hidden, cell, 5, None)
         await self._timed("create", self.store.create(child))
         self.metrics.sessions_created.inc()
-        return Reply.of(self._response(child, self.predictions(output)))
+        return Reply.of(self._response(child, self.suggestions(output, 5)))
 
     async def rewind(self, session_id: str, to_step: int, k: int, if_step: int | None, owner: str) -> Reply:
         """Restore the state the session had after to_step tokens (exact: stored or recomputed)."""
@@ -368,11 +413,11 @@ class SessionManager:
                 hidden, cell = decode_state(base.state, self.runner.layers, self.runner.hidden_size)
                 offset = base.step - history[0].step
                 replay_tokens = list(record.history_tokens[offset : offset + to_step - base.step])
-                output = await self.scheduler.submit(replay_tokens, hidden, cell, k)
+                output = await self._run(replay_tokens, hidden, cell, k, None)
                 state = base.state if not replay_tokens else encode_state(output.hidden, output.cell)
                 kept = (*[s for s in history if s.step < to_step], Snapshot(to_step, state))
                 draft = record.evolve(step=to_step, state=state, last_used_at=time.time())
-                reply = Reply.of(self._response(draft, self.predictions(output)))
+                reply = Reply.of(self._response(draft, self.suggestions(output, k)))
                 updated = replace(
                     draft,
                     history=kept,
@@ -393,7 +438,8 @@ class SessionManager:
     ) -> Reply:
         """Sample words from the session's state, advancing it through them (committed at the end)."""
         rng = np.random.default_rng(options.seed)
-        banned = [self.vocab.pad_id, self.vocab.unk_id]
+        banned = self._banned
+        blocked = self.completer.blocked if self.completer.blocked_count else None
         async with self._ordered(session_id):
             record = await self._load(session_id, owner)
             hidden, cell = self._state(record)
@@ -401,6 +447,8 @@ class SessionManager:
             ids: list[int] = []
             for _ in range(options.max_words):
                 assert output.log_probs is not None
+                if blocked is not None and blocked[int(np.argmax(output.log_probs))]:
+                    self.metrics.blocked_suggestions.labels("generation").inc()
                 word_id = sample(output.log_probs, rng, options.temperature, options.top_k, options.top_p, banned)
                 ids.append(word_id)
                 output = await self.scheduler.submit([word_id], output.hidden, output.cell, 1, want_log_probs=True)

@@ -58,7 +58,7 @@ class FastSteps:
             ctx = caller_for(self.state, headers)
             ctx.check_k(request.k)
             reply = await ctx.manager.step(
-                match.group(1), request.text, request.k, request.if_step, ctx.owner, request.explain
+                match.group(1), request.text, request.k, request.if_step, ctx.owner, request.explain, request.prefix
             )
         except CellgateError as exc:
             self.state.metrics.errors.labels(exc.code).inc()

@@ -26,4 +26,4 @@ async def predict(body: PredictRequest, request: Request) -> Response:
     """Next-word suggestions for text, run from a zero state (no session)."""
     ctx = caller(request)
     ctx.check_k(body.k)
-    return json_reply(await ctx.manager.predict(body.text, body.k))
+    return json_reply(await ctx.manager.predict(body.text, body.k, body.prefix))

@@ -53,7 +53,8 @@ async def create_session(body: CreateSessionRequest, request: Request) -> Respon
     """A new session, optionally primed with text."""
     ctx = caller(request)
     ctx.check_k(body.k)
-    return json_reply(await ctx.manager.create(body.text, body.k, ctx.owner), status.HTTP_201_CREATED)
+    reply = await ctx.manager.create(body.text, body.k, ctx.owner, body.prefix)
+    return json_reply(reply, status.HTTP_201_CREATED)
 
 
 @router.get("/{session_id}", response_model=SessionInfo, responses=SESSION_ERRORS)
@@ -73,10 +74,12 @@ async def delete_session(request: Request, session_id: str = SessionId) -> Respo
 
 @router.post("/{session_id}/steps", response_model=SessionResponse, responses=SESSION_ERRORS)
 async def step(body: StepRequest, request: Request, session_id: str = SessionId) -> Response:
-    """Advance the session's (h, C) through the words of text; exactly once per if_step."""
+    """Advance the session's (h, C) through the words of text; exactly once per if_step. With a prefix, the
+    predictions complete the word being typed; a prefix without text changes nothing."""
     ctx = caller(request)
     ctx.check_k(body.k)
-    return json_reply(await ctx.manager.step(session_id, body.text, body.k, body.if_step, ctx.owner, body.explain))
+    reply = await ctx.manager.step(session_id, body.text, body.k, body.if_step, ctx.owner, body.explain, body.prefix)
+    return json_reply(reply)
 
 
 @router.post(

@@ -24,7 +24,7 @@ def _validation_message(exc: ValidationError) -> str:
 
 @router.websocket("/v1/sessions/{session_id}/stream")
 async def stream(websocket: WebSocket, session_id: str) -> None:
-    """Messages {"text", "k", "if_step"?, "explain"?} or {"rewind_to", "k"} -> {"step", "predictions", ...}."""
+    """Messages {"text", "k", "if_step"?, "explain"?, "prefix"?} or {"rewind_to", "k"} -> {"step", "predictions"}."""
     app = websocket.app
     settings = app.state.settings
     manager: SessionManager = app.state.manager
@@ -79,7 +79,9 @@ async def _answer(raw: str, ctx: Caller, session_id: str) -> Reply:
         else:
             step = StepRequest.model_validate(message)
             ctx.check_k(step.k)
-            result = await ctx.manager.step(session_id, step.text, step.k, step.if_step, ctx.owner, step.explain)
+            result = await ctx.manager.step(
+                session_id, step.text, step.k, step.if_step, ctx.owner, step.explain, step.prefix
+            )
     except ValidationError as exc:
         raise ValidationFailed(_validation_message(exc)) from None
     return result
