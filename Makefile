@@ -9,12 +9,17 @@ DEMO_BUNDLE := bundles/demo
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+# Empty: scripts/system-packages.sh's own list (the tests set it to exercise a package that is missing).
+SYSTEM_PACKAGES ?=
+# `make test` prints each phase's time as it ends and all of them at the end.
+PHASES_FILE := build/make-test-phases.txt
+PHASE := PHASES_FILE=$(PHASES_FILE) scripts/phase.sh
 
-.PHONY: run test lint format install install-dev demo bench bench-serve-short bench-export soak audit clean help test-deploy compose-up
+.PHONY: run test lint format install install-dev install-test system-packages demo bench bench-serve-short bench-export soak audit clean help test-deploy compose-up
 
 help:
 	@echo "make run    - install, train + export the demo model if needed, serve it on http://$(HOST):$(PORT)"
-	@echo "make test   - install test dependencies, lint, run the whole test suite"
+	@echo "make test   - install what the tests need (system packages via apt, Python extras), lint, run every test"
 	@echo "make lint   - ruff + mypy"
 	@echo "make bench-serve-short - a <= 60 s serving benchmark"
 	@echo "make bench-export - ONNX Runtime vs PyTorch, graph forms, prefill, int8 (~30 s; docs/benchmarks.md)"
@@ -38,6 +43,13 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.run-installed
 install-dev: $(VENV)/.dev-installed
 
+# The system packages the tests need (redis-server, prometheus, nginx, chromium, podman, ...): installed with
+# apt as root or with password-less sudo, else one line naming the command to run and exit 2. Seconds when present.
+system-packages:
+	@PYTHON=$(PYTHON) scripts/system-packages.sh $(SYSTEM_PACKAGES)
+
+install-test: system-packages $(VENV)/.dev-installed
+
 $(DEMO_BUNDLE)/manifest.json: | $(VENV)/.run-installed
 	$(BIN)/cellgate train --corpus builtin:longrange --out $(DEMO_RUN)
 	$(BIN)/cellgate export $(DEMO_RUN) --out $(DEMO_BUNDLE) --force
@@ -60,12 +72,16 @@ format: $(VENV)/.dev-installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+# Everything a fresh clone needs, then every check; CI (.ci/run) runs exactly this.
+test:
+	@rm -f $(PHASES_FILE)
+	@$(PHASE) install $(MAKE) --no-print-directory install-test
+	@$(PHASE) lint $(MAKE) --no-print-directory lint
+	@$(PHASE) tests $(BIN)/pytest $(PYTEST_ARGS)
+	@echo "make test passed:" && cat $(PHASES_FILE)
 
-# The deploy/observability checks alone (they are part of `make test` too); needs prometheus, nginx-light,
-# redis-server and docker-compose from apt (.ci/run installs them).
-test-deploy: $(VENV)/.dev-installed
+# The deploy/observability checks alone (they are part of `make test` too).
+test-deploy: install-test
 	$(BIN)/pytest tests/deploy tests/service/test_metrics.py $(PYTEST_ARGS)
 
 # Where a Docker engine exists: build the images and start cellgate + Prometheus + Grafana (deploy/README.md).

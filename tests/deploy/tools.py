@@ -21,7 +21,7 @@ def require(binary: str, package: str) -> str:
     """The path of a binary the deploy checks need; a clear failure (not a skip) when it is missing."""
     path = shutil.which(binary)
     if path is None:
-        pytest.fail(f"{binary} is not installed (apt-get install {package}; .ci/run installs it)")
+        pytest.fail(f"{binary} is not installed (apt-get install {package}; `make test` installs it)")
     return path
 
 
