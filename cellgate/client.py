@@ -80,6 +80,10 @@ class NotFound(CellgateAPIError):
     code = "not_found"
 
 
+class MethodNotAllowed(CellgateAPIError):
+    code = "method_not_allowed"
+
+
 class SessionNotFound(CellgateAPIError):
     code = "session_not_found"
 
@@ -144,12 +148,19 @@ class InternalError(CellgateAPIError):
     code = "internal_error"
 
 
+class HTTPError(CellgateAPIError):
+    """An HTTP error without a code of its own, or an answer that is not a cellgate error body."""
+
+    code = "http_error"
+
+
 _ERRORS: dict[str, type[CellgateAPIError]] = {
     cls.code: cls
     for cls in (
         BadRequest,
         Unauthorized,
         NotFound,
+        MethodNotAllowed,
         SessionNotFound,
         StepConflict,
         HistoryExhausted,
@@ -163,6 +174,7 @@ _ERRORS: dict[str, type[CellgateAPIError]] = {
         NotReady,
         ShuttingDown,
         InternalError,
+        HTTPError,
     )
 }
 # The server refused these before doing any work, so even a request that is not exactly-once may repeat.
@@ -173,7 +185,7 @@ def api_error(status: int, body: Any, retry_after: str | None = None) -> Cellgat
     """The typed exception for an error body (or for a body that is not one)."""
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict) or "code" not in error:
-        return CellgateAPIError(status, "http_error", str(body)[:200])
+        return HTTPError(status, "http_error", str(body)[:200])
     code = str(error["code"])
     exc = _ERRORS.get(code, CellgateAPIError)(status, code, str(error.get("message", "")), body)
     if retry_after is not None:

@@ -10,17 +10,16 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount, compile_path
 from starlette.types import Scope
 
 from export.bundle import load_bundle
 from service.config import Settings
-from service.errors import CellgateError
+from service.errors import CellgateError, ValidationFailed, from_http_status, render
 from service.metrics import Metrics
 from service.middleware import ServiceMiddleware
 from service.ratelimit import TokenBucketLimiter
@@ -152,36 +151,29 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         else None
     )
 
-    async def render(request: Request, exc: CellgateError) -> JSONResponse:
-        metrics.errors.labels(exc.code).inc()
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    def answer(request: Request, exc: BaseException) -> Response:
+        rendered = render(exc, metrics, request.url.path)
+        return Response(rendered.body, rendered.status, rendered.headers, media_type="application/json")
 
     @app.exception_handler(CellgateError)
-    async def on_domain_error(request: Request, exc: CellgateError) -> JSONResponse:
-        return await render(request, exc)
+    async def on_domain_error(request: Request, exc: CellgateError) -> Response:
+        return answer(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        error = CellgateError(_validation_message(exc))
-        error.code, error.status = "validation_error", 422
-        return await render(request, error)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return answer(request, ValidationFailed(_validation_message(exc)))
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
         headers = dict(exc.headers or {})
         if exc.status_code == 405 and (allowed := _allowed_methods(app, request.url.path)):
             # Starlette names the methods of the first route that matched the path; a path can have several.
             headers["Allow"] = ", ".join(allowed)
-        error = CellgateError(str(exc.detail), headers=headers)
-        error.code, error.status = codes.get(exc.status_code, "http_error"), exc.status_code
-        return await render(request, error)
+        return answer(request, from_http_status(exc.status_code, str(exc.detail), headers))
 
     @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        error = CellgateError("internal error; the request id is in the X-Request-ID header")
-        return await render(request, error)
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        return answer(request, exc)
 
     # Hot routes first: Starlette tries routes in order.
     for router in (sessions.router, stream.router, predict.router, health.router, model.router):

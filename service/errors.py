@@ -1,11 +1,20 @@
-"""Domain errors with stable machine codes. Routes raise them; app.py renders them once.
+"""Domain errors with stable machine codes, and the one function that turns any error into an answer.
 
+Routes raise them; `render` makes the answer and counts it, wherever it is sent from (the app's
+exception handlers, the raw step path, the middleware, the WebSocket and SSE streams, /readyz).
 Every error body is {"error": {"code": str, "message": str, ...extra}}.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import dataclass
 from typing import Any
+
+from service.metrics import Metrics
+
+log = logging.getLogger("cellgate")
 
 
 class CellgateError(Exception):
@@ -24,12 +33,29 @@ class CellgateError(Exception):
         return {"error": {"code": self.code, "message": self.message, **self.extra}}
 
 
+class InternalError(CellgateError):
+    code, status = "internal_error", 500
+
+    def __init__(self) -> None:
+        super().__init__("internal error; the request id is in the X-Request-ID header")
+
+
 class BadRequest(CellgateError):
     code, status = "bad_request", 400
 
 
 class Unauthorized(CellgateError):
     code, status = "unauthorized", 401
+
+
+class NotFound(CellgateError):
+    """A path the server does not have (not a missing session: that is SessionNotFound)."""
+
+    code, status = "not_found", 404
+
+
+class MethodNotAllowed(CellgateError):
+    code, status = "method_not_allowed", 405
 
 
 class SessionNotFound(CellgateError):
@@ -100,3 +126,42 @@ class ShuttingDown(CellgateError):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down", headers={"Retry-After": "1", "Connection": "close"})
+
+
+class HTTPStatusError(CellgateError):
+    """An HTTP error the framework raised that has no code of its own here (a Range the demo page's
+    static files cannot satisfy, say): its status is kept."""
+
+    code = "http_error"
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers=headers)
+        self.status = status
+
+
+_BY_STATUS: dict[int, type[CellgateError]] = {400: BadRequest, 404: NotFound, 405: MethodNotAllowed}
+
+
+def from_http_status(status: int, message: str, headers: dict[str, str] | None = None) -> CellgateError:
+    """The domain error for an HTTP error raised by the framework (no route, wrong method, unreadable body)."""
+    kind = _BY_STATUS.get(status)
+    return kind(message, headers=headers) if kind is not None else HTTPStatusError(status, message, headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """An error as it goes on the wire."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes  # {"error": {"code", "message", ...}} as JSON
+
+
+def render(exc: BaseException, metrics: Metrics, where: str) -> Rendered:
+    """The answer for any error, counted in cellgate_errors_total by code. A non-domain exception is logged
+    with its traceback (`where` names the path) and answered as internal_error, without its text."""
+    if not isinstance(exc, CellgateError):
+        log.error("unhandled error on %s", where, exc_info=exc)
+        exc = InternalError()
+    metrics.errors.labels(exc.code).inc()
+    return Rendered(exc.status, exc.headers, json.dumps(exc.body()).encode())

@@ -3,7 +3,6 @@ and refusing new work while draining."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -12,26 +11,12 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import CellgateError, PayloadTooLarge, ShuttingDown
+from service.asgi import read_body, replay, send_error
+from service.errors import PayloadTooLarge, ShuttingDown
 from service.metrics import Metrics
 
 access_log = logging.getLogger("cellgate.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
-
-
-async def send_json(send: Send, status: int, body: bytes, extra_headers: dict[str, str] | None = None) -> None:
-    """A complete JSON response on a raw ASGI send (the request id header is added by the middleware)."""
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *[(k.lower().encode(), v.encode()) for k, v in (extra_headers or {}).items()],
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def send_error(send: Send, error: CellgateError) -> None:
-    await send_json(send, error.status, json.dumps(error.body()).encode(), error.headers)
 
 
 class ServiceMiddleware:
@@ -65,22 +50,23 @@ class ServiceMiddleware:
         self.metrics.in_flight.inc()
         try:
             length = headers.get(b"content-length")
-            if self.draining() and scope["path"] not in ("/healthz", "/metrics"):
-                await send_error(send_wrapper, ShuttingDown())
+            path = scope["path"]
+            if self.draining() and path not in ("/healthz", "/metrics"):
+                await send_error(send_wrapper, ShuttingDown(), self.metrics, path)
             elif length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
                 # Refused from the header alone: the body is never read.
-                await send_error(send_wrapper, _too_large(self.max_body_bytes))
+                await send_error(send_wrapper, _too_large(self.max_body_bytes), self.metrics, path)
             elif length is not None:
                 # The server never hands the app more than Content-Length bytes: no need to count.
                 await self.app(scope, receive, send_wrapper)
             else:
                 # No Content-Length (chunked): read at most the limit before the app runs. Raising from
                 # receive() instead does not work: FastAPI turns any error while reading a body into a 400.
-                body = await _read_body(receive, self.max_body_bytes)
+                body = await read_body(receive, self.max_body_bytes)
                 if body is None:
-                    await send_error(send_wrapper, _too_large(self.max_body_bytes))
+                    await send_error(send_wrapper, _too_large(self.max_body_bytes), self.metrics, path)
                 else:
-                    await self.app(scope, _replay(body, receive), send_wrapper)
+                    await self.app(scope, replay(body, receive), send_wrapper)
         finally:
             self.metrics.in_flight.dec()
             route = scope.get("route")
@@ -109,32 +95,6 @@ class ServiceMiddleware:
                         "client": (scope.get("client") or ("", 0))[0],
                     },
                 )
-
-
-async def _read_body(receive: Receive, limit: int) -> list[Message] | None:
-    """The messages of a body sent without Content-Length, or None as soon as it passes limit bytes."""
-    messages: list[Message] = []
-    size = 0
-    while True:
-        message = await receive()
-        messages.append(message)
-        if message["type"] != "http.request":
-            return messages
-        size += len(message.get("body", b""))
-        if size > limit:
-            return None
-        if not message.get("more_body", False):
-            return messages
-
-
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    """The buffered messages first, then the live channel (where the app listens for a disconnect)."""
-    pending = list(messages)
-
-    async def replayed() -> Message:
-        return pending.pop(0) if pending else await receive()
-
-    return replayed
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

@@ -14,6 +14,8 @@ from pythonjsonlogger.json import JsonFormatter
 
 from service.app import create_app
 from service.config import Settings
+from service.errors import ShuttingDown, render
+from service.metrics import Metrics
 
 # The event loop and the inference thread share the GIL. ONNX Runtime releases it while it computes, but
 # the thread's own Python (gathering and scattering states) can hold it for CPython's default 5 ms while
@@ -49,13 +51,13 @@ class DrainingServer(uvicorn.Server):
         if state is not None and not getattr(state, "draining", False):
             state.draining = True
             for ws in list(getattr(state, "websockets", ())):
-                asyncio.get_event_loop().create_task(_close(ws))
+                asyncio.get_event_loop().create_task(_close(ws, state.metrics))
         super().handle_exit(sig, frame)
 
 
-async def _close(ws: Any) -> None:
+async def _close(ws: Any, metrics: Metrics) -> None:
     try:
-        await ws.send_json({"error": {"code": "shutting_down", "message": "the server is shutting down"}})
+        await ws.send_text(render(ShuttingDown(), metrics, ws.url.path).body.decode())
         await ws.close(1001)
     except Exception:  # the peer may already be gone
         logging.getLogger("cellgate").debug("websocket already closed during drain")

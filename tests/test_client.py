@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from cellgate import client as client_module
 from cellgate.client import (
     AsyncClient,
     CellgateAPIError,
@@ -26,6 +27,7 @@ from cellgate.client import (
     Unreachable,
     ValidationError,
 )
+from service import errors as server_errors
 from tests.servers import ServerProcess, running_server
 
 PRIMER = "i stay in india ."
@@ -177,6 +179,25 @@ def test_typed_errors_mirror_the_api_codes(server: ServerProcess) -> None:
         with pytest.raises(SessionNotFound):
             client.attach("A" * 32)
         assert all(isinstance(e, CellgateAPIError) for e in (invalid.value, conflict.value, exhausted.value))
+
+
+def _server_error_types() -> list[type[server_errors.CellgateError]]:
+    found, pending = [], [server_errors.CellgateError]
+    while pending:
+        kind = pending.pop()
+        found.append(kind)
+        pending.extend(kind.__subclasses__())
+    return found
+
+
+def test_the_client_knows_every_code_the_server_sends() -> None:
+    """The client's table of typed errors and the server's hierarchy name the same codes, each once."""
+    server_codes = {kind.code for kind in _server_error_types()}
+    assert len(server_codes) > 15
+    assert set(client_module._ERRORS) == server_codes
+    for code, kind in client_module._ERRORS.items():
+        assert kind.code == code
+        assert issubclass(kind, CellgateAPIError)
 
 
 def test_a_lost_answer_is_retried_and_the_step_applied_once(server: ServerProcess, proxy: LossyProxy) -> None:

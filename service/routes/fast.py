@@ -12,20 +12,17 @@ validation errors exactly as every other route does.
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.asgi import read_body, replay, send_error, send_json
 from service.deps import caller_for
-from service.errors import CellgateError
-from service.middleware import send_error, send_json
 from service.schemas import StepRequest
 
-log = logging.getLogger("cellgate")
 STEP_TEMPLATE = "/v1/sessions/{session_id}/steps"
 _STEP_PATH = re.compile(r"^/v1/sessions/([A-Za-z0-9_\-]{16,64})/steps$")
 
@@ -47,11 +44,11 @@ class FastSteps:
         ):
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)  # no limit here: the middleware already refused a long Content-Length
         try:
             request = StepRequest.model_validate_json(body)
         except ValidationError:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay(body, receive), send)
             return
         scope["route"] = self.route
         try:
@@ -60,40 +57,7 @@ class FastSteps:
             reply = await ctx.manager.step(
                 match.group(1), request.text, request.k, request.if_step, ctx.owner, request.explain, request.prefix
             )
-        except CellgateError as exc:
-            self.state.metrics.errors.labels(exc.code).inc()
-            await send_error(send, exc)
-            return
-        except Exception:
-            log.exception("unhandled error on %s", scope["path"])
-            error = CellgateError("internal error; the request id is in the X-Request-ID header")
-            self.state.metrics.errors.labels(error.code).inc()
-            await send_error(send, error)
+        except Exception as exc:
+            await send_error(send, exc, self.state.metrics, scope["path"])
             return
         await send_json(send, 200, reply.body)
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that hands the already-read body to the next app, then defers to the real one."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay

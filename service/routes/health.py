@@ -5,10 +5,9 @@ from __future__ import annotations
 import contextlib
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.errors import CellgateError, NotReady
+from service.errors import CellgateError, NotReady, render
 from service.schemas import ErrorResponse, Status
 
 router = APIRouter(tags=["health"])
@@ -36,9 +35,10 @@ async def readyz(request: Request) -> Response:
         await state.manager.store.ping()
     except CellgateError as exc:
         metrics.ready.set(0)
-        return JSONResponse(exc.body(), status_code=503)
+        rendered = render(exc, metrics, request.url.path)
+        return Response(rendered.body, rendered.status, rendered.headers, media_type="application/json")
     metrics.ready.set(1)
-    return JSONResponse({"status": "ready"})
+    return Response(b'{"status":"ready"}', media_type="application/json")
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

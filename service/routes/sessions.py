@@ -12,7 +12,8 @@ from fastapi import APIRouter, Path, Request, Response, status
 from fastapi.sse import EventSourceResponse, format_sse_event
 
 from service.deps import caller, json_reply
-from service.errors import CellgateError, ValidationFailed
+from service.errors import ValidationFailed, render
+from service.metrics import Metrics
 from service.routes.predict import ERRORS
 from service.schemas import (
     CreateSessionRequest,
@@ -124,10 +125,13 @@ async def generate(body: GenerateRequest, request: Request, session_id: str = Se
     if not body.stream:
         return json_reply(await manager.generate(session_id, options, owner))
     await manager.info(session_id, owner)  # a missing session is a plain 404, not an empty stream
-    return EventSourceResponse(_event_stream(manager, session_id, options, owner))
+    metrics, where = request.app.state.metrics, request.url.path
+    return EventSourceResponse(_event_stream(manager, session_id, options, owner, metrics, where))
 
 
-async def _event_stream(manager: Any, session_id: str, options: GenerateOptions, owner: str) -> AsyncIterator[bytes]:
+async def _event_stream(
+    manager: Any, session_id: str, options: GenerateOptions, owner: str, metrics: Metrics, where: str
+) -> AsyncIterator[bytes]:
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
 
     async def on_word(word: str, step: int) -> None:
@@ -137,8 +141,8 @@ async def _event_stream(manager: Any, session_id: str, options: GenerateOptions,
         try:
             result = await manager.generate(session_id, options, owner, on_word=on_word)
             await queue.put(format_sse_event(data_str=json.dumps(result), event="done"))
-        except CellgateError as exc:
-            await queue.put(format_sse_event(data_str=json.dumps(exc.body()), event="error"))
+        except Exception as exc:  # a domain error as itself, anything else as internal_error (and logged)
+            await queue.put(format_sse_event(data_str=render(exc, metrics, where).body.decode(), event="error"))
         finally:
             await queue.put(None)
 

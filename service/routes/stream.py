@@ -8,7 +8,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from service.deps import Caller, identify, presented_key
-from service.errors import CellgateError, SessionNotFound, ShuttingDown, ValidationFailed
+from service.errors import CellgateError, SessionNotFound, ShuttingDown, ValidationFailed, render
 from service.schemas import RewindRequest, StepRequest
 from service.sessions import Reply, SessionManager
 
@@ -36,7 +36,7 @@ async def stream(websocket: WebSocket, session_id: str) -> None:
         owner = identify(key, settings)
         await manager.info(session_id, owner)
     except CellgateError as exc:
-        await websocket.send_json(exc.body())
+        await websocket.send_text(render(exc, metrics, websocket.url.path).body.decode())
         await websocket.close(SESSION_GONE if isinstance(exc, SessionNotFound) else UNAUTHORIZED)
         return
     metrics.websocket_connections.inc()
@@ -52,8 +52,7 @@ async def stream(websocket: WebSocket, session_id: str) -> None:
                 await websocket.send_text(reply.body.decode())
             except CellgateError as exc:
                 metrics.websocket_messages.labels("error").inc()
-                metrics.errors.labels(exc.code).inc()
-                await websocket.send_json(exc.body())
+                await websocket.send_text(render(exc, metrics, websocket.url.path).body.decode())
                 if isinstance(exc, SessionNotFound | ShuttingDown):
                     await websocket.close(SESSION_GONE if isinstance(exc, SessionNotFound) else 1001)
                     return

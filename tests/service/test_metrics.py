@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import connect as ws_connect
 
 from service.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, STORE_BUCKETS, Metrics
 from tests.deploy.traffic import exercise
@@ -159,3 +160,42 @@ def test_access_log_is_json_with_the_request_id_echoed(tiny_bundle: Path) -> Non
             [record] = _log_lines(server, made_up, time.monotonic() + 10)
             assert record["status"] == 404
             assert record["route"] == "/v1/sessions/{session_id}"
+
+
+def test_every_error_answer_is_counted_once_by_its_code(server: ServerProcess) -> None:
+    """Errors answered by the middleware, the raw step path, the app's handlers and the WebSocket all reach
+    cellgate_errors_total, each exactly once."""
+    sid = httpx.post(f"{server.url}/v1/sessions", json={"text": "i stay"}).json()["session_id"]
+    before = _samples(httpx.get(f"{server.url}/metrics").text)
+    too_large = b'{"text": "' + b"a " * (1 << 20) + b'"}'
+    answers = [
+        # the middleware: refused from Content-Length, and a chunked body read up to the limit
+        httpx.post(f"{server.url}/v1/predict", content=too_large, headers={"content-type": "application/json"}),
+        httpx.post(f"{server.url}/v1/predict", content=iter([too_large]), headers={"content-type": "text/plain"}),
+        # the raw step path, and the FastAPI route behind it
+        httpx.post(f"{server.url}/v1/sessions/{'Z' * 32}/steps", json={"text": "a"}),
+        httpx.post(f"{server.url}/v1/sessions/{sid}/steps", json={"text": "a", "k": 0}),
+        # the framework's own errors, as errors of the hierarchy
+        httpx.get(f"{server.url}/v1/nothing"),
+        httpx.put(f"{server.url}/v1/predict"),
+    ]
+    assert [a.status_code for a in answers] == [413, 413, 404, 422, 404, 405]
+    with ws_connect(f"{server.url.replace('http', 'ws')}/v1/sessions/{'Z' * 32}/stream") as ws:
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == "session_not_found"
+    with ws_connect(f"{server.url.replace('http', 'ws')}/v1/sessions/{sid}/stream") as ws:
+        ws.send("not json")
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == "validation_error"
+    after = _samples(httpx.get(f"{server.url}/metrics").text)
+    expected = {"payload_too_large": 2, "session_not_found": 2, "validation_error": 2, "not_found": 1}
+    expected["method_not_allowed"] = 1
+    for code, count in expected.items():
+        grown = _value(after, "cellgate_errors_total", code=code) - _value(before, "cellgate_errors_total", code=code)
+        assert grown == count, code
+    assert [a.json()["error"]["code"] for a in answers] == [
+        "payload_too_large",
+        "payload_too_large",
+        "session_not_found",
+        "validation_error",
+        "not_found",
+        "method_not_allowed",
+    ]
