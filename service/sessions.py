@@ -143,12 +143,19 @@ class SessionManager:
         return encoded
 
     async def _run(
-        self, tokens: Sequence[int], hidden: np.ndarray, cell: np.ndarray, k: int, prefix: str | None
+        self,
+        tokens: Sequence[int],
+        hidden: np.ndarray,
+        cell: np.ndarray,
+        k: int,
+        prefix: str | None,
+        explain: bool = False,
     ) -> StepOutput:
-        """One scheduler call with what `suggestions` needs: the top list, or for a prefix the full row."""
+        """One scheduler call with what `suggestions` needs: the top list, or for a prefix the full row (and the
+        gates of these tokens with explain)."""
         if prefix is None:
-            return await self.scheduler.submit(tokens, hidden, cell, self.completer.fetch_k(k))
-        return await self.scheduler.submit(tokens, hidden, cell, 1, want_log_probs=True)
+            return await self.scheduler.submit(tokens, hidden, cell, self.completer.fetch_k(k), explain=explain)
+        return await self.scheduler.submit(tokens, hidden, cell, 1, want_log_probs=True, explain=explain)
 
     def suggestions(self, output: StepOutput, k: int, prefix: str | None = None) -> dict[str, Any]:
         """The ranked answer of one output: {"predictions"}, and for a prefix its {"completion"} too."""
@@ -312,12 +319,12 @@ class SessionManager:
                 if replay is not None:
                     return replay
                 hidden, cell = self._state(record)
-                output = await self._run(encoded.ids, hidden, cell, k, prefix)
+                output = await self._run(encoded.ids, hidden, cell, k, prefix, explain)
                 reply, updated = self._apply(record, encoded, self.suggestions(output, k, prefix), output, fingerprint)
                 if await self._write(updated, record.revision):
                     self.metrics.tokens.labels("step").inc(len(encoded.ids))
-                    if explain:
-                        return Reply.of({**reply, "explain": self._explain(encoded.ids, hidden, cell)})
+                    if output.gates is not None:
+                        return Reply.of({**reply, "explain": self._explain(encoded.ids, output.gates)})
                     return reply
                 # Another replica wrote first: with if_step the next pass reports the conflict or replays.
             raise StepConflict(record.step, "the session kept changing under this request; retry")
@@ -332,10 +339,10 @@ class SessionManager:
                 self.metrics.step_conflicts.inc()
                 raise StepConflict(record.step, f"if_step is {if_step} but the session is at step {record.step}")
             hidden, cell = self._state(record)
-            output = await self._run((), hidden, cell, k, prefix)
+            output = await self._run((), hidden, cell, k, prefix, explain)
             reply = {**self._response(record, self.suggestions(output, k, prefix)), "unknown": []}
-            if explain:
-                reply["explain"] = self._explain((), hidden, cell)
+            if output.gates is not None:
+                reply["explain"] = self._explain((), output.gates)
             return Reply.of(reply)
 
     def _check_if_step(self, record: SessionRecord, if_step: int | None, fingerprint: str) -> Reply | None:
@@ -363,9 +370,8 @@ class SessionManager:
         )
         return reply, updated
 
-    def _explain(self, ids: Sequence[int], hidden: np.ndarray, cell: np.ndarray) -> dict[str, Any]:
-        """Gates per token and layer (f, i, o, C̃, C) for the words just consumed."""
-        gates = self.runner.explain(ids, hidden[:, None, :], cell[:, None, :])
+    def _explain(self, ids: Sequence[int], gates: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Gates per token and layer (f, i, o, C̃, C) for the words just consumed, as the answer carries them."""
         return {
             "words": self.vocab.decode(ids),
             "layers": self.runner.layers,

@@ -21,7 +21,9 @@ async def healthz() -> Status:
 @router.get(
     "/readyz",
     response_model=Status,
-    responses={503: {"model": ErrorResponse, "description": "Not warmed up, draining, or the store is down"}},
+    responses={
+        503: {"model": ErrorResponse, "description": "Not warmed up, draining, batching stopped, or the store is down"}
+    },
     summary="Readiness: model loaded and warmed up, session store answering",
 )
 async def readyz(request: Request) -> Response:
@@ -32,6 +34,8 @@ async def readyz(request: Request) -> Response:
             raise NotReady("the model is still loading")
         if state.draining:
             raise NotReady("the server is shutting down")
+        if not state.manager.scheduler.alive:
+            raise NotReady("the batching task has stopped")
         await state.manager.store.ping()
     except CellgateError as exc:
         metrics.ready.set(0)

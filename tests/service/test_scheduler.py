@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,10 +14,11 @@ from hypothesis import strategies as st
 
 from export.bundle import load_bundle
 from service.config import Settings
-from service.errors import Overloaded
+from service.errors import NotReady, Overloaded
 from service.metrics import Metrics
 from service.runner import Runner
 from service.scheduler import Scheduler, partition_by_length
+from tests.service.harness import service_core
 
 Sequence = tuple[list[int], np.ndarray, np.ndarray]
 
@@ -98,3 +101,65 @@ def test_full_queue_refuses_with_overloaded(tiny_bundle: Path) -> None:
             await scheduler.stop()
 
     assert len(asyncio.run(scenario())) == 2
+
+
+def _batching_task() -> asyncio.Task[object]:
+    """The scheduler's loop, found the way an operator's debugger would: by its task name."""
+    return next(t for t in asyncio.all_tasks() if t.get_name() == "batch-scheduler")
+
+
+def test_a_dead_loop_refuses_queued_and_new_work(tiny_bundle: Path) -> None:
+    cfg = Settings(bundle=tiny_bundle)
+    runner = Runner(load_bundle(tiny_bundle), cfg)
+    h, c = runner.zero_state(1)
+
+    async def scenario() -> None:
+        scheduler = Scheduler(runner, cfg, Metrics())
+        await scheduler.start()
+        try:
+            assert scheduler.alive
+            queued = asyncio.ensure_future(scheduler.submit([3], h[:, 0], c[:, 0], 5))
+            await asyncio.sleep(0)  # the job is in the queue; the loop has not taken it yet
+            task = _batching_task()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not scheduler.alive
+            with pytest.raises(NotReady):
+                await queued  # stranded in the queue: refused, not left waiting forever
+            with pytest.raises(NotReady):
+                await scheduler.submit([3], h[:, 0], c[:, 0], 5)
+        finally:
+            await scheduler.stop()
+
+    asyncio.run(scenario())
+
+
+def test_explain_runs_on_the_inference_thread(tiny_bundle: Path) -> None:
+    """A step with explain=true runs the explain graph inside the scheduler, off the event loop."""
+    threads: list[str] = []
+
+    async def scenario() -> tuple[dict[str, object], float | None]:
+        async with service_core(tiny_bundle) as manager:
+            explain = manager.runner.explain
+
+            def recorded(*args: Any) -> dict[str, np.ndarray]:
+                threads.append(threading.current_thread().name)
+                return explain(*args)
+
+            manager.runner.explain = recorded  # type: ignore[method-assign]
+            created = await manager.create("i stay in", 3, "")
+            reply = await manager.step(created["session_id"], "india .", 3, 3, "", explain=True)
+            count = manager.metrics.registry.get_sample_value(
+                "cellgate_inference_duration_seconds_count", {"graph": "explain"}
+            )
+            return reply, count
+
+    reply, count = asyncio.run(scenario())
+    assert len(threads) == 1
+    assert threads[0].startswith("inference")  # the scheduler's single inference thread, not the event loop's
+    assert count == 1.0
+    explained = reply["explain"]
+    assert isinstance(explained, dict)
+    assert explained["words"] == ["india", "."]
+    assert np.asarray(explained["forget_gate"]).shape[:2] == (2, explained["layers"])  # (T, L, H)
