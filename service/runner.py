@@ -87,11 +87,6 @@ class Runner:
         )
         self.providers: list[str] = self.step_session.get_providers()
 
-    @property
-    def state_shape(self) -> tuple[int, int]:
-        """(layers, hidden): one sequence's h or C."""
-        return self.layers, self.hidden_size
-
     def zero_state(self, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
         shape = (self.layers, batch, self.hidden_size)
         return np.zeros(shape, np.float32), np.zeros(shape, np.float32)

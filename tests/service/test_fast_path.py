@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+from starlette.types import Receive, Scope, Send
 
+from service.asgi import send_json
+from service.routes.fast import STEP_TEMPLATE, FastSteps
 from tests.servers import ServerProcess
+from tests.service.harness import service_core
 
 
 def _session(server: ServerProcess) -> str:
@@ -32,6 +39,42 @@ def test_json_and_non_json_requests_step_alike(server: ServerProcess) -> None:
         body_.pop("session_id")
         body_.pop("expires_at")
     assert fast_body == slow_body
+
+
+def test_a_json_step_never_reaches_the_router(tiny_bundle: Path) -> None:
+    """FastSteps answers a well-formed JSON step itself and hands everything else on: the router behind it
+    (here a recorder that answers 418) sees only the chunked step and the one that fails validation."""
+    reached: list[str] = []
+
+    async def router(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append((await receive())["body"].decode())
+        await send_json(send, 418, b"{}")
+
+    async def scenario() -> list[httpx.Response]:
+        async with service_core(tiny_bundle) as manager:
+            state = SimpleNamespace(
+                settings=manager.settings, manager=manager, metrics=manager.metrics, rate_limiter=None
+            )
+            fast = FastSteps(router, state=state, route=SimpleNamespace(path=STEP_TEMPLATE))
+            sid = (await manager.create("i stay in", 3, ""))["session_id"]
+            url = f"/v1/sessions/{sid}/steps"
+            body = json.dumps({"text": "india .", "k": 3})
+
+            async def chunks() -> object:
+                yield body.encode()
+
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=fast), base_url="http://c") as client:
+                return [
+                    await client.post(url, content=body, headers={"content-type": "application/json"}),
+                    await client.post(url, content=chunks(), headers={"content-type": "application/json"}),  # type: ignore[arg-type]
+                    await client.post(url, json={"text": "india .", "k": 0}),
+                ]
+
+    answered, chunked, invalid = asyncio.run(scenario())
+    assert answered.status_code == 200
+    assert answered.json()["step"] == 5
+    assert (chunked.status_code, invalid.status_code) == (418, 418)
+    assert reached == ['{"text": "india .", "k": 3}', '{"text":"india .","k":0}']
 
 
 def test_invalid_bodies_get_the_standard_validation_error(server: ServerProcess) -> None:
