@@ -2,12 +2,14 @@
 //
 // The text box is the source of truth. Its completed words (everything before the last space) are
 // reconciled with the words the session has consumed: new words are sent as steps, deleted words
-// are undone with a rewind to the step before them. One message is in flight at a time and every
-// message carries if_step, so resending it after a reconnect is applied exactly once.
+// are undone with a rewind to the step before them. The word being typed is completed by the server
+// from the model's whole vocabulary ({"prefix"}: a read that never advances the session). One message
+// is in flight at a time and every message carries if_step, so resending it after a reconnect is
+// applied exactly once.
 "use strict";
 
 const SUGGESTIONS = 5; // shown
-const K = 20; // asked for: enough to still show five after filtering by the word being typed
+const K = 20; // asked for after each word: enough to narrow by the first letters typed until the server's completion arrives
 const PROBE_K = 50; // for the long-range answer (the server's default CELLGATE_MAX_K)
 const WINDOW = 30; // words in the LSTM view
 const UNITS = 24; // hidden units drawn per gate: the first 24
@@ -82,7 +84,8 @@ const state = {
   step: 0,
   committed: [], // one entry per consumed word: {word, before, after} (steps before and after it)
   columns: [], // the LSTM view: one per token, {step, word, gates: {name: [L][H]} | null}
-  predictions: [],
+  predictions: [], // next words after the last step
+  completion: null, // the server's completion of the word being typed: {partial, step, predictions}
   inFlight: null, // {kind, message, sentAt, ...}
   probe: null, // a pending long-range question: {resolve}
   tabMovesFocus: false, // after Esc, Tab leaves the text box (into the suggestions) instead of accepting
@@ -160,6 +163,7 @@ async function createSession() {
   state.columns = [];
   state.inFlight = null;
   state.predictions = reply.predictions;
+  state.completion = null;
   renderAll();
 }
 
@@ -274,6 +278,9 @@ function pump() {
     send({ kind: "step", word, before: state.step, message });
   } else if (state.probe) {
     send({ kind: "probe", message: { rewind_to: state.step, k: state.maxK, if_step: state.step } });
+  } else if (needsCompletion()) {
+    const partial = splitText(el.text.value).partial;
+    send({ kind: "complete", partial, message: { prefix: partial, k: SUGGESTIONS, if_step: state.step } });
   } else {
     document.body.dataset.synced = "true";
     for (const resolve of state.waiters.splice(0)) resolve();
@@ -289,6 +296,12 @@ function onAnswer(reply) {
   }
   state.inFlight = null;
   el.latency.textContent = `${(performance.now() - op.sentAt).toFixed(1)} ms`;
+  if (op.kind === "complete") {
+    state.completion = { partial: op.partial, step: reply.step, predictions: reply.predictions };
+    renderSuggestions();
+    pump();
+    return;
+  }
   if (op.kind === "step") {
     state.committed.push({ word: op.word, before: op.before, after: reply.step });
     addColumns(op, reply);
@@ -327,6 +340,14 @@ function onError(op, error) {
       retry(1000);
       break;
     case "validation_error":
+      if (op.kind === "complete") {
+        // A partial word the server cannot take as a prefix (e.g. longer than any word): nothing completes it.
+        state.inFlight = null;
+        state.completion = { partial: op.partial, step: state.step, predictions: [] };
+        renderSuggestions();
+        pump();
+        break;
+      }
       if (error.field === "k" && error.limit < op.message.k) {
         state.maxK = error.limit; // a server with a smaller CELLGATE_MAX_K
         op.message.k = error.limit;
@@ -363,11 +384,27 @@ function isSpecial(word) {
   return word.startsWith("<") && word.endsWith(">");
 }
 
+function needsCompletion() {
+  // The word being typed has no completion from the server yet for this exact text at this step.
+  const { partial } = splitText(el.text.value);
+  const done = state.completion;
+  return partial !== "" && !(done && done.partial === partial && done.step === state.step);
+}
+
+function suggestionsFor() {
+  // What to show and where it came from: the server's completion of the word being typed, the next words
+  // (nothing typed yet), or, while a completion is on its way, the last answer narrowed by the new letters.
+  const { partial } = splitText(el.text.value);
+  const done = state.completion && state.completion.step === state.step ? state.completion : null;
+  if (partial === "") return { source: "next-word", items: state.predictions.filter((p) => !isSpecial(p.word)) };
+  if (done && done.partial === partial) return { source: "completion", items: done.predictions };
+  const typed = partial.toLowerCase();
+  const base = done && typed.startsWith(done.partial.toLowerCase()) ? done.predictions : state.predictions;
+  return { source: "narrowed", items: base.filter((p) => !isSpecial(p.word) && p.word.startsWith(typed)) };
+}
+
 function visibleSuggestions() {
-  const partial = splitText(el.text.value).partial.toLowerCase();
-  return state.predictions
-    .filter((p) => !isSpecial(p.word) && p.word.startsWith(partial))
-    .slice(0, SUGGESTIONS);
+  return suggestionsFor().items.slice(0, SUGGESTIONS);
 }
 
 function accept(word) {
@@ -380,7 +417,10 @@ function accept(word) {
 }
 
 function renderSuggestions() {
-  const items = visibleSuggestions();
+  const { source, items: all } = suggestionsFor();
+  const items = all.slice(0, SUGGESTIONS);
+  el.suggestions.dataset.source = source;
+  el.suggestions.dataset.partial = splitText(el.text.value).partial;
   el.suggestions.replaceChildren(
     ...items.map((p, index) => {
       const li = document.createElement("li");

@@ -189,6 +189,30 @@ def test_tab_accepts_and_backspace_over_a_word_rewinds(page: Any, server: Server
     wait_synced(page, 5)
 
 
+def test_the_word_being_typed_is_completed_by_the_server_and_tab_accepts(page: Any, server: ServerProcess) -> None:
+    from playwright.sync_api import expect
+
+    box = page.get_by_label("Your text")
+    box.press_sequentially(PRIMED + " ")
+    wait_synced(page, len(PRIMED.split()))
+    suggestions = page.locator("#suggestions")
+    for partial in ("h", "hi", "b"):  # typed, then replaced: each is completed from the session's state
+        box.fill(f"{PRIMED} {partial}")
+        expect(suggestions).to_have_attribute("data-partial", partial, timeout=TIMEOUT_MS)
+        expect(suggestions).to_have_attribute("data-source", "completion", timeout=TIMEOUT_MS)
+        expected = httpx.post(f"{server.url}/v1/predict", json={"text": PRIMED, "prefix": partial, "k": 5})
+        assert expected.status_code == 200
+        words = [p["word"] for p in expected.json()["predictions"]]
+        assert words  # the tiny vocabulary has words starting with each
+        assert [b.get_attribute("data-word") for b in suggestions.locator("button").all()] == words
+    step = int(page.locator("#step").get_attribute("data-step"))
+    assert step == len(PRIMED.split())  # completing never advanced the session
+    box.press("Tab")
+    expect(box).to_have_value(f"{PRIMED} {words[0]} ")
+    wait_synced(page, step + 1)
+    expect(suggestions).to_have_attribute("data-source", "next-word")
+
+
 def test_long_range_button_predicts_a_language(page: Any) -> None:
     from playwright.sync_api import expect
 
