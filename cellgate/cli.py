@@ -146,13 +146,24 @@ def _eval(args: argparse.Namespace) -> int:
 
     try:
         ckpt = load_checkpoint(Path(args.checkpoint))
-        text = load_corpus(args.corpus)
+        text = load_corpus(args.corpus, seed=args.seed, episodes=args.episodes)
     except (FileNotFoundError, CorpusError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metrics = evaluate_stream(ckpt.build_model(), encode_stream(ckpt.vocab, text), unk_id=ckpt.vocab.unk_id)
+    model = ckpt.build_model()
+    metrics: dict[str, Any] = evaluate_stream(model, encode_stream(ckpt.vocab, text), unk_id=ckpt.vocab.unk_id)
     metrics["vocab_size"] = len(ckpt.vocab)
     metrics["temperature"] = ckpt.config.temperature  # 1 unless calibrated (train --calibrate, cellgate calibrate)
+    if args.keystrokes:
+        from model.keystrokes import simulate_typing
+        from service.completion import Completer
+
+        vocab = ckpt.vocab
+        completer = Completer(vocab.words, vocab.normalize, (vocab.pad_id, vocab.unk_id, vocab.eos_id))
+        # Read the text as the model was trained to: each line from a zero state after --mode lines.
+        per_line = ckpt.train_config.get("mode") == "lines"
+        report = simulate_typing(model, vocab, text, completer, k=args.k, per_line=per_line)
+        metrics["keystrokes"] = {**report.to_dict(), "per_line": per_line}
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -415,7 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="perplexity and top-k accuracy of a checkpoint on a text")
     v.add_argument("checkpoint")
-    v.add_argument("--corpus", required=True)
+    v.add_argument("--corpus", required=True, help="held-out text: a file, a directory of .txt, builtin:longrange")
+    v.add_argument(
+        "--keystrokes",
+        action="store_true",
+        help="also simulate a typist taking completions (keystroke savings, top-1/top-k next-word recall)",
+    )
+    v.add_argument("--k", type=int, default=3, help="completions shown to the simulated typist (default 3)")
+    v.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="builtin:longrange only: episodes of this seed (held out: one training never used)",
+    )
+    v.add_argument("--episodes", type=int, default=2000, help="builtin:longrange only: how many episodes")
     v.set_defaults(func=_eval)
 
     k = sub.add_parser("calibrate", help="fit a checkpoint's softmax temperature on a validation text")
