@@ -19,7 +19,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,76 +26,17 @@ from typing import Any
 
 import httpx
 
-from bench import profile
+from bench import profile, wrk
 from bench.models import DEMO_RUN, REALISTIC_RUN, ensure_demo, ensure_realistic
 from bench.procs import ServerProcess, cpu_seconds, rss_bytes, start_process
 from service.config import Settings
 
 STEP_BODY = '{"text": "the", "k": 5}'
 
-LUA = """
-local ids = {%(ids)s}
-local counter = 0
-local body = '%(body)s'
-local headers = {["Content-Type"] = "application/json"}
-request = function()
-  counter = counter + 1
-  return wrk.format("POST", "/v1/sessions/" .. ids[(counter %% #ids) + 1] .. "/steps", headers, body)
-end
-%(delay)s
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('RESULT {"requests": %%d, "duration_us": %%d, "socket_errors": %%d, "non_2xx": %%d, ' ..
-    '"p50_ms": %%.3f, "p95_ms": %%.3f, "p99_ms": %%.3f, "mean_ms": %%.3f}\\n',
-    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
-    latency:percentile(50) / 1000, latency:percentile(95) / 1000, latency:percentile(99) / 1000, latency.mean / 1000))
-end
-"""
-
 
 def _wrk(url: str, ids: list[str], connections: int, seconds: float, delay_ms: float | None = None) -> dict[str, Any]:
-    """One wrk run; returns its summary plus the load generator's CPU seconds."""
-    # Think time drawn from an exponential distribution (Poisson-like arrivals from independent clients):
-    # a constant delay keeps every connection in phase, so the "half load" arrives as bursts of
-    # `connections` requests at once and measures the burst, not the load.
-    delay = (
-        f"math.randomseed(1)\ndelay = function() return -{delay_ms:.3f} * math.log(1 - math.random()) end"
-        if delay_ms
-        else ""
-    )
-    script = LUA % {"ids": ",".join(f'"{i}"' for i in ids), "body": STEP_BODY, "delay": delay}
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
-        fh.write(script)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t",
-            "1",
-            "-c",
-            str(connections),
-            "-d",
-            f"{max(1, round(seconds))}s",
-            "--timeout",
-            "10s",
-            "-s",
-            fh.name,
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=True,
-    ).stdout
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    Path(fh.name).unlink()
-    result: dict[str, Any] = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
-    result["seconds"] = result["duration_us"] / 1e6
-    result["req_per_second"] = result["requests"] / result["seconds"]
-    result["loadgen_cpu_cores"] = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / result[
-        "seconds"
-    ]
-    return result
+    """One wrk run of one-word steps over the sessions `ids`, round-robin."""
+    return wrk.run(url, [(f"/v1/sessions/{sid}/steps", STEP_BODY) for sid in ids], connections, seconds, delay_ms)
 
 
 def _sessions(url: str, count: int, text: str = "i stay in india .") -> list[str]:

@@ -130,12 +130,11 @@ def _serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
     overrides: dict[str, Any] = {}
-    for name in ("bundle", "host", "port"):
+    for name in ("bundle", "host", "port", "workers"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
-    serve(Settings(**overrides))
-    return 0
+    return serve(Settings(**overrides))
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -319,6 +318,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 BENCHMARKS = {
     "serve": "bench.serve",  # HTTP and WebSocket serving against the framework floor and a naive server
+    "peer": "bench.peer",  # cellgate against a real Triton sequence batcher, same load, alternating
     "export": "bench.export_speed",  # ONNX Runtime vs PyTorch, graph forms, prefill, int8
     "train-quality": "bench.train_quality",  # the WikiText-2 perplexity bar
 }
@@ -422,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundle", help="bundle directory (CELLGATE_BUNDLE)")
     s.add_argument("--host", help="bind address (CELLGATE_HOST, default 127.0.0.1)")
     s.add_argument("--port", type=int, help="bind port (CELLGATE_PORT, default 8000)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        help="serving processes sharing sessions (CELLGATE_WORKERS, default 1; 0 = one per core, docs/deploy.md)",
+    )
     s.set_defaults(func=_serve)
 
     v = sub.add_parser("eval", help="perplexity and top-k accuracy of a checkpoint on a text")

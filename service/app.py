@@ -109,13 +109,14 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         app.state.runner = runner
         app.state.manager = SessionManager(store, scheduler, runner, settings, metrics)
         metrics.model_info.labels(bundle.model_version, ",".join(runner.providers), bundle.quantized or "none").set(1)
-        metrics.build_info.info({"version": package_version()})
+        metrics.build_info.labels(package_version()).set(1)
         # What exists now (modules, the model, the app) lives as long as the process: freezing it keeps the
         # collector's full passes to what requests and sessions create (with service/server.py's thresholds,
         # p99 at full load 100 -> 52 ms on the 2x256 model; docs/benchmarks.md, "Serving").
         gc.collect()
         gc.freeze()
         app.state.ready = True
+        metrics.ready.set(1)
         if not settings.api_keys:
             log.warning("no API keys configured: every client may use every session; bind to loopback only")
         log.info(
@@ -131,6 +132,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         finally:
             app.state.ready = False
             app.state.draining = True
+            metrics.ready.set(0)
             await scheduler.stop()
             await store.close()
 

@@ -54,6 +54,18 @@ class Settings(BaseSettings):
     rate_limit_per_second: float = Field(0.0, ge=0, description="Per-key request rate limit (0 = off).")
     rate_limit_burst: int = Field(50, ge=1, description="Requests a key may burst above its rate.")
     drain_timeout_seconds: float = Field(10.0, gt=0, description="Graceful shutdown: time given to in-flight work.")
+    # Processes: 1 by default, because one process needs nothing beside it (sessions stay in its memory),
+    # and because the deployments that scale — replicas behind a load balancer, Kubernetes pods — scale by
+    # processes already. N > 1 shares sessions through a store (a private redis-server unless
+    # session_store names one); docs/deploy.md says when each is the better choice.
+    workers: int = Field(1, ge=0, le=64, description="Serving processes on one port (0 = one per core).")
+    max_auto_workers: int = Field(8, ge=1, description="Cap on workers=0's one-per-core.")
+    local_store_executable: str = Field(
+        "redis-server", description="The redis-server that --workers N starts when session_store is 'memory'."
+    )
+    local_store_max_memory: str = Field(
+        "0", description="maxmemory of that redis-server (e.g. 2gb; 0 = unlimited); over it, LRU sessions go."
+    )
 
     # Requests
     max_tokens_per_request: int = Field(2048, ge=1, description="Token limit per request text (413 above).")

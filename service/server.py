@@ -1,4 +1,4 @@
-"""Running the app under uvicorn: JSON logs, one worker, graceful drain on SIGTERM."""
+"""Running the app under uvicorn: JSON logs, graceful drain on SIGTERM; one process, or N (service/workers.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -26,9 +28,13 @@ GIL_SWITCH_INTERVAL_SECONDS = 0.0005
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
-def configure_logging(settings: Settings) -> None:
+def configure_logging(settings: Settings, worker: int | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", timestamp=False))
+    # With --workers N every line names its worker: N processes write to one stream.
+    static = {"worker": worker} if worker is not None else None
+    handler.setFormatter(
+        JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", timestamp=False, static_fields=static)
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
@@ -63,14 +69,28 @@ async def _close(ws: Any, metrics: Metrics) -> None:
         logging.getLogger("cellgate").debug("websocket already closed during drain")
 
 
-def serve(settings: Settings) -> None:
-    """Run the service in the foreground until SIGTERM/SIGINT."""
-    configure_logging(settings)
+class WorkerServer(DrainingServer):
+    """A worker of `--workers N`: tells the supervisor once it serves (model loaded, socket accepting)."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            self.on_started()
+
+
+def _prepare_process(settings: Settings, worker: int | None = None) -> None:
+    configure_logging(settings, worker)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
     gc.set_threshold(*GC_THRESHOLDS)
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
+
+
+def _config(settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        create_app(settings),
         host=settings.host,
         port=settings.port,
         workers=1,
@@ -81,10 +101,30 @@ def serve(settings: Settings) -> None:
         server_header=False,
         proxy_headers=False,
     )
+
+
+def serve(settings: Settings) -> int:
+    """Run the service in the foreground until SIGTERM/SIGINT; returns the exit status."""
+    from service.workers import Supervisor, resolve_workers
+
+    workers = resolve_workers(settings)
+    if workers > 1:
+        configure_logging(settings)
+        status: int = Supervisor(settings, workers).run()
+        return status
+    _prepare_process(settings)
     # uvicorn re-raises the signal once its graceful shutdown is done; with the default handler that kills
     # the process (exit status -15) even though the drain succeeded. Exit 0 instead, as supervisors expect.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    DrainingServer(config).run()
+    DrainingServer(_config(settings)).run()
+    return 0
+
+
+def serve_socket(settings: Settings, sock: socket.socket, on_started: Callable[[], None], worker: int) -> None:
+    """One worker of `--workers N` on the supervisor's listening socket (service/worker.py)."""
+    _prepare_process(settings, worker)
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    WorkerServer(_config(settings), on_started).run(sockets=[sock])
 
 
 def _exit_cleanly(sig: int, frame: Any) -> None:

@@ -37,7 +37,11 @@ from service.store.base import SessionRecord, SessionStore, Snapshot
 from service.store.codec import decode_state, encode_state
 
 T = TypeVar("T")
-CAS_ATTEMPTS = 8  # retries when another replica wrote the session between our read and write
+# Retries when another replica or worker wrote the session between our read and write. Each round one
+# contender wins, so with two writers a request loses k rounds in a row with probability about 2^-k: with 8,
+# 50 concurrent steps on one session over --workers 2 would fail one of them in roughly 1 run of 5
+# (50 x 2^-8); 32 makes that negligible, and the retries cost only under contention on one session.
+CAS_ATTEMPTS = 32
 ENCODE_CACHE_SIZE = 50_000  # short texts -> token ids; a few MB at most
 
 

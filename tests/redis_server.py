@@ -9,7 +9,6 @@ from __future__ import annotations
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -20,15 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from bench.procs import free_port
+
 READY_LINE = "Ready to accept connections"
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (redis-server cannot bind port 0 and report it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _pump(stream: object, lines: queue.Queue[str | None], log: list[str]) -> None:

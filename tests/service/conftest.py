@@ -25,3 +25,12 @@ def replicas(tiny_bundle: Path, redis_server: RedisServer) -> Iterator[tuple[Ser
         running_server(tiny_bundle, replica_env(redis_server)) as b,
     ):
         yield a, b
+
+
+@pytest.fixture(scope="session", params=[1, 2], ids=["1-worker", "2-workers"])
+def server(request: pytest.FixtureRequest, tiny_bundle: Path) -> Iterator[ServerProcess]:
+    """The API and conformance tests' server, run both ways: one process (in-memory sessions) and
+    `--workers 2` (two processes sharing sessions through the redis-server the supervisor starts)."""
+    env = {"CELLGATE_ACCESS_LOG": "false", "CELLGATE_WORKERS": str(request.param)}
+    with running_server(tiny_bundle, env) as proc:
+        yield proc
