@@ -46,6 +46,7 @@ log = logging.getLogger("cellgate.workers")
 STARTUP_TIMEOUT_SECONDS = 120.0
 POLL_SECONDS = 0.5
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WORKER_SETTINGS = "CELLGATE_WORKER_SETTINGS"  # how a worker gets the supervisor's settings (service/worker.py)
 
 
 class StartupFailed(RuntimeError):
@@ -202,24 +203,25 @@ class Supervisor:
         self.sock: socket.socket | None = None
 
     def _environment(self) -> dict[str, str]:
-        """What the workers read: the settings as CELLGATE_* variables, the shared store, the metrics dir."""
-        env = dict(os.environ)
-        for name, value in self.settings.model_dump(mode="json").items():
-            env[f"CELLGATE_{name.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
-        env["CELLGATE_WORKERS"] = "1"  # a worker is a single-process service
-        env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
+        """What the workers read: these settings exactly (JSON; a worker is a single-process service on the
+        shared store), and the metrics directory."""
+        changes: dict[str, object] = {"workers": 1}
         if self.store is not None:
-            env["CELLGATE_SESSION_STORE"] = self.store.url
-        return env
+            changes["session_store"] = self.store.url
+        worker_settings = self.settings.model_copy(update=changes)
+        return {
+            **os.environ,
+            WORKER_SETTINGS: worker_settings.model_dump_json(),
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+        }
 
     def _spawn(self, index: int) -> Worker:
         assert self.sock is not None
         read_fd, write_fd = os.pipe()
         command = [sys.executable, "-m", "service.worker", str(self.sock.fileno()), str(write_fd), str(index)]
-        env = {**self.env, "CELLGATE_WORKER_INDEX": str(index)}
         process = subprocess.Popen(
             command,
-            env=env,
+            env=self.env,
             pass_fds=(self.sock.fileno(), write_fd),
             stdin=subprocess.DEVNULL,
             start_new_session=True,
