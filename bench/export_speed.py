@@ -44,9 +44,8 @@ from export.quantize import agreement, batch_effect, held_out_tokens, quantize_s
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model.config import LSTMConfig
 from model.corpus import LONGRANGE, longrange_text
-from model.experiments.long_range import demo_train_config
 from model.lm import LSTMLanguageModel, LSTMState
-from model.train import TrainConfig
+from model.recipe import recipe
 from model.vocab import Vocabulary, tokenize
 
 SERVICE_OUTPUTS = ["top_log_probs", "top_ids", "h_out", "c_out"]  # what service/runner.py fetches per step
@@ -140,12 +139,12 @@ def prepare(work: Path) -> dict[str, tuple[str, Path, Path]]:
         models["demo"] = ("the demo model (runs/demo, bundles/demo)", DEMO_RUN, DEMO_BUNDLE)
     else:
         # No trained demo: its shape with random weights, from the recipe `make demo` trains with.
-        config = demo_train_config("").model_config(len(longrange))
+        config = recipe(LONGRANGE, "").model_config(len(longrange))
         shape = f"{config.num_layers}×{config.hidden_size}"
         desc = f"no runs/demo: random {shape}, the demo's shape (builtin:longrange vocabulary, {len(longrange)} words)"
         models["demo"] = (desc, *export_random(work, "demo", longrange, config))
-    # TrainConfig's defaults: PyTorch's word-language-model example shape, between the demo and "large".
-    mid = TrainConfig(corpus=LONGRANGE, out="").model_config(len(longrange))
+    # PyTorch's word-language-model example shape (2 x 200, tied), between the demo and "large".
+    mid = LSTMConfig(vocab_size=len(longrange), embed_size=200, hidden_size=200, num_layers=2)
     models["mid"] = (
         f"random {mid.num_layers}×{mid.hidden_size} on the builtin:longrange vocabulary ({len(longrange)} words)",
         *export_random(work, "mid", longrange, mid),

@@ -16,25 +16,22 @@ def ensure_realistic(run: Path = REALISTIC_RUN, bundle: Path = REALISTIC_BUNDLE,
     if (bundle / "manifest.json").exists():
         return bundle
     from export.build import export_checkpoint
-    from model.train import TrainConfig, train
+    from model.recipe import recipe
+    from model.train import train
 
     if not (run / "best.pt").exists():
         if not corpus.exists():
             raise FileNotFoundError(f"{corpus} is missing: pass another text with --corpus")
-        cfg = TrainConfig(
-            corpus=str(corpus),
-            out=str(run),
+        # The text recipe's 2 x 256 for one minute; uncalibrated, so its graphs are the plain step graph.
+        cfg = recipe(
+            str(corpus),
+            str(run),
             split="whitespace",
             lowercase=False,
             max_vocab=10_000,
-            hidden_size=256,
-            embed_size=256,
-            num_layers=2,
-            optimizer="adamw",
-            lr=3e-3,
-            clip=0.25,
             epochs=1,
             max_minutes=1.0,
+            calibrate=False,
             progress=False,
         )
         train(cfg)

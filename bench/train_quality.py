@@ -25,19 +25,21 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
 SPLITS = (("train", 0.0, 0.90), ("valid", 0.90, 0.95), ("test", 0.95, 1.0))
 
-# PyTorch's examples/word_language_model with its documented flags (--tied, --epochs 6, defaults otherwise).
+# The protocol's vocabulary: every whitespace-separated train word, case kept (WikiText comes tokenized, with its own
+# `<unk>`). `cellgate train`'s "auto" tokenization decides the same for this text (model.recipe.looks_tokenized).
+PROTOCOL: dict[str, Any] = {"lowercase": False, "split": "whitespace", "min_freq": 1}
+
+# PyTorch's examples/word_language_model with its documented flags (--tied, --epochs 6, defaults otherwise), as
+# changes to the recipe below.
 REFERENCE: dict[str, Any] = {
     "hidden_size": 200,
-    "embed_size": 200,
     "num_layers": 2,
-    "tie_weights": True,
     "dropout": 0.2,
     "embed_dropout": 0.0,
     "recurrent_dropout": 0.0,
@@ -49,61 +51,17 @@ REFERENCE: dict[str, Any] = {
     "bptt": 35,
     "batch_size": 20,
     "epochs": 6,
-    "patience": 6,  # the example never stops early
+    "max_minutes": None,  # the example's 6 epochs, whatever the machine's speed
     "precision": "fp32",
     "softmax": "full",
+    "rare_word_unk": 0.0,
+    "calibrate": False,
+    "validate_from": 0.0,  # the plateau schedule acts on every epoch's validation
 }
 
-# The best recipe found for a 5-minute budget; the levers and what each bought, on two machines, are in
-# docs/benchmarks.md, "Training quality".
-BEST: dict[str, Any] = {
-    **REFERENCE,
-    # 2 x 256 tied: on a CPU without native bfloat16 (AVX2), 2 x 400 gets 6 epochs in 5 minutes, 2 x 300 about 11,
-    # 2 x 256 about 15, which more than makes up for the width (test 176.6 -> 165.5 for 400 -> 300, 145.8 -> 143.4
-    # for 300 -> 256).
-    "hidden_size": 256,
-    "embed_size": 256,
-    "dropout": 0.3,  # locked dropout on embeddings and layer outputs (0.4 is for budgets of 15+ epochs)
-    "embed_dropout": 0.05,  # drops whole word types
-    "recurrent_dropout": 0.15,  # DropConnect on the recurrent weights
-    # Held-out text is 13.7 % <unk> (words the train portion never shows), the train portion 5.3 %: rare train words
-    # become <unk> with probability 1/(1 + count), teaching the model where unknown words go (165.5 -> 154.2).
-    "rare_word_unk": 1.0,
-    # Plain SGD as in the reference (AdamW 3e-3 with the same budget schedule ended at 197), annealed per batch to zero
-    # over the 5-minute budget instead of on plateaus. lr 30 stalled one seed in three epochs at the unigram (test
-    # 214.8); 20 trains every seed tried.
-    "optimizer": "sgd",
-    "lr": 20.0,
-    "schedule": "budget",
-    "warmup": 0.0,
-    # Straight to zero rather than along a cosine, and negatives drawn from the unigram itself rather than count^0.75:
-    # together 140.1 and 140.7 (seeds 0 and 1) against 142.0-142.8 and 142.3 for the cosine and count^0.75 the same
-    # day; each alone moved it by less than the noise.
-    "decay": "linear",
-    "clip": 0.25,
-    # Updates, not tokens, are what 5 minutes run short of: batch 10 runs 5.6k tokens/s against batch 20's 7.3k, and
-    # still ends lower (156.5 -> 150.1); batch 40 ends at 171.0, batch 5 at 152.2.
-    "batch_size": 10,
-    # Speed buys epochs: bf16 autocast for the recurrence and the decoder where the CPU has native bfloat16 (the
-    # bench falls back to fp32 elsewhere), and a sampled softmax over 1,024 shared negatives in training.
-    # Evaluation always uses the full fp32 softmax.
-    "precision": "bf16-all",
-    "softmax": "sampled",
-    "samples": 1024,
-    "sample_power": 1.0,
-    "epochs": 1000,  # the time budget ends training, not an epoch count
-    "patience": 1000,
-    # Under the budget schedule the best epoch is one of the last; validating the first 80 % was 1.3 s in every
-    # 25 (5 % of the budget): without it 139.1, 139.5 and 138.5 for seeds 0-2, against 140.1-141.3 with it.
-    "validate_from": 0.8,
-    # By the end of the budget the model is over-confident and leans too little on word frequency: best.pt gets the
-    # temperature and unigram-prior weight that minimise the validation perplexity (about 1.2 and 0.15 here; test
-    # 143.4 -> 139.2 and 144.0 -> 140.6 in two runs of this recipe).
-    "calibrate": True,
-}
-
-RECIPES = {"reference": REFERENCE, "best": BEST}
-DEFAULT_MINUTES = {"reference": None, "best": 5.0}
+# BEST is the recipe `cellgate train` runs: TrainConfig's defaults (model/recipe.py gives each choice with the runs
+# behind it, docs/experiments.md the runs themselves), 5 minutes included.
+RECIPES: dict[str, dict[str, Any]] = {"reference": REFERENCE, "best": {}}
 
 
 def split_lines(path: Path) -> dict[str, str]:
@@ -114,23 +72,6 @@ def split_lines(path: Path) -> dict[str, str]:
         chosen = lines[int(len(lines) * lo) : int(len(lines) * hi)]
         out[name] = "\n".join(chosen) + "\n"
     return out
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` pairs for TrainConfig fields; values are JSON when they parse, strings otherwise."""
-    from model.train import TrainConfig
-
-    known = {f.name for f in fields(TrainConfig)}
-    overrides: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or key not in known:
-            raise SystemExit(f"--set wants KEY=VALUE with KEY a TrainConfig field, got {pair!r}")
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
-    return overrides
 
 
 class Setup(NamedTuple):
@@ -144,34 +85,23 @@ class Setup(NamedTuple):
 
 
 def setup(args: argparse.Namespace) -> Setup:
-    """The recipe, its overrides and the CPU's precision fallback, as a TrainConfig on the protocol's split."""
-    from model.train import TrainConfig, bf16_native, bf16_recurrence_supported
+    """The recipe, its overrides and the CPU's precision choice, as a TrainConfig on the protocol's split."""
+    from model.cpu import resolve_precision
+    from model.recipe import parse_overrides, recipe
 
     # Training speed alone is timed on the reference recipe (2 x 200, batch 20, bptt 35, full softmax, fp32),
     # whatever --recipe says, so the figure stays comparable with the PyTorch example's.
     recipe_name = "reference" if args.throughput else args.recipe
-    recipe = dict(RECIPES[recipe_name])
-    overrides = parse_overrides(args.set)
-    recipe.update(overrides)
-    precision_fallback = None
-    # The recipe's own precision adapts to the CPU; one asked for with --set is measured as asked.
-    chosen = recipe.get("precision") if "precision" not in overrides else None
-    if chosen in ("bf16", "bf16-all") and not bf16_native():
-        # bfloat16 is emulated on this CPU, far slower than fp32 (docs/benchmarks.md, "Training quality").
-        precision_fallback = f"{recipe['precision']} -> fp32: this CPU has no native bfloat16"
-        recipe["precision"] = "fp32"
-        print(f"note: {precision_fallback}", file=sys.stderr)
-    elif chosen == "bf16-all" and not bf16_recurrence_supported():
-        # oneDNN builds no bfloat16 LSTM for some x86 CPUs; the decoder alone still runs in bf16 there.
-        precision_fallback = "bf16-all -> bf16: no bfloat16 LSTM kernel on this CPU"
-        recipe["precision"] = "bf16"
-        print(f"note: {precision_fallback}", file=sys.stderr)
-    minutes = args.max_minutes if args.max_minutes is not None else DEFAULT_MINUTES[recipe_name]
-    minutes = minutes or None  # --max-minutes 0: no time budget, the recipe's epochs decide
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    chosen = {**RECIPES[recipe_name], **overrides}
+    if args.max_minutes is not None:
+        chosen["max_minutes"] = args.max_minutes or None  # --max-minutes 0: no time budget, the epochs decide
     if args.throughput:
         # One timed slice of one epoch.
-        recipe.update(epochs=1, patience=1)
-        minutes = args.max_minutes if args.max_minutes is not None else 1.0
+        chosen.update(epochs=1, max_minutes=args.max_minutes or 1.0)
 
     # A profile writes no checkpoint but must not clear a trained run's either.
     kind = "throughput" if args.throughput else "profile" if args.profile else recipe_name
@@ -184,19 +114,21 @@ def setup(args: argparse.Namespace) -> Setup:
     for stale in ("best.pt", "last.pt", "log.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
 
-    cfg = TrainConfig(
-        corpus=str(data_dir / "train.txt"),
+    cfg = recipe(
+        str(data_dir / "train.txt"),
+        str(run_dir),
         valid=str(data_dir / "valid.txt"),
-        out=str(run_dir),
-        lowercase=False,
-        split="whitespace",
-        min_freq=1,
-        max_minutes=minutes,
         seed=args.seed,
         threads=args.threads,
         progress=not args.quiet,
-        **recipe,
+        **PROTOCOL,
+        **chosen,
     )
+    # "auto" (the recipe's) follows the CPU; bfloat16 is emulated on CPUs without AVX-512, far slower than fp32
+    # (docs/experiments.md). A precision asked for with --set is run as asked.
+    precision_fallback = resolve_precision(cfg.precision)[1]
+    if precision_fallback:
+        print(f"note: {precision_fallback}", file=sys.stderr)
     return Setup(cfg, recipe_name, overrides, precision_fallback, portions)
 
 
@@ -204,16 +136,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train one recipe under the protocol and score it on the test portion."""
     import torch
 
+    from model.calibration import as_trained, unigram_log_prior
     from model.checkpoint import load_checkpoint
     from model.data import encode_stream
     from model.evaluate import evaluate_stream
-    from model.train import as_trained, train, unigram_log_prior
+    from model.train import describe_epoch, train
 
     cfg, recipe_name, overrides, precision_fallback, portions = setup(args)
     run_dir, minutes = Path(cfg.out), cfg.max_minutes
     load_before = os.getloadavg()
     started = time.monotonic()
-    result = train(cfg)
+    result = train(cfg, on_epoch=None if args.quiet else lambda entry: print(describe_epoch(entry), file=sys.stderr))
     train_wall = time.monotonic() - started
     load_after = os.getloadavg()
 
@@ -264,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             for e in result.log
         ],
-        "config": asdict(cfg),
+        "config": ckpt.train_config,  # as trained: the precision and the tokenization decided
         "machine": {
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
@@ -294,11 +227,11 @@ def profile(args: argparse.Namespace) -> str:
     return head + "\n" + table
 
 
-def main(argv: list[str] | None = None) -> int:
+def main_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="best")
     parser.add_argument(
-        "--max-minutes", type=float, help="training budget; 0 for none (default: 5 for best, none for reference)"
+        "--max-minutes", type=float, help="training budget; 0 for none (default: the recipe's, 5 for best)"
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
     parser.add_argument("--throughput", action="store_true", help="time training only (1 epoch slice, default 1 min)")
@@ -307,11 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", help="checkpoints and split files (default runs/train_quality/RECIPE)")
     parser.add_argument("--out", help="write the JSON report here")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no line per epoch")
     parser.add_argument(
         "--profile", type=int, metavar="STEPS", help="no run: profile STEPS training steps (after 20 warm-up steps)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = main_parser().parse_args(argv)
     if args.profile:
         text = profile(args)
         print(text)

@@ -13,80 +13,47 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cellgate.client import Client, StepResult
-    from model.train import TrainConfig
+    from model.recipe import TrainConfig
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig that `cellgate train` runs for its parsed arguments."""
-    from model.corpus import LONGRANGE
-    from model.train import TrainConfig
+    """The TrainConfig that `cellgate train` runs: the corpus's recipe (model/recipe.py) with the flags given on top."""
+    from model.recipe import parse_overrides, recipe
 
-    if args.corpus == LONGRANGE and not args.custom:
-        from model.experiments.long_range import demo_train_config
-
-        cfg = demo_train_config(args.out, seed=args.seed)
-        if args.max_minutes is not None:
-            cfg.max_minutes = args.max_minutes
-        cfg.progress = not args.quiet
-    else:
-        cfg = TrainConfig(
-            corpus=args.corpus,
-            out=args.out,
-            valid=args.valid,
-            lowercase=not args.no_lowercase,
-            split=args.split,
-            min_freq=args.min_freq,
-            max_vocab=args.max_vocab,
-            embed_size=args.embed_size or args.hidden_size,
-            hidden_size=args.hidden_size,
-            num_layers=args.layers,
-            dropout=args.dropout,
-            embed_dropout=args.embed_dropout,
-            input_dropout=args.input_dropout,
-            layer_dropout=args.layer_dropout,
-            recurrent_dropout=args.recurrent_dropout,
-            tie_weights=not args.no_tie,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            clip=args.clip,
-            schedule=args.schedule,
-            warmup=args.warmup,
-            decay=args.decay,
-            precision=args.precision,
-            softmax=args.softmax,
-            samples=args.samples,
-            sample_power=args.sample_power,
-            rare_word_unk=args.rare_word_unk,
-            activation_reg=args.activation_reg,
-            temporal_reg=args.temporal_reg,
-            lr_floor=args.lr_floor,
-            average_from=args.average_from,
-            average_every=args.average_every,
-            calibrate=args.calibrate,
-            batch_size=args.batch_size,
-            bptt=args.bptt,
-            epochs=args.epochs,
-            patience=args.patience,
-            validate_from=args.validate_from,
-            max_minutes=args.max_minutes,
-            mode=args.mode,
-            seed=args.seed,
-            progress=not args.quiet,
-        )
-    return cfg
+    flags = {
+        "valid": args.valid,
+        "max_minutes": args.max_minutes,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "hidden_size": args.hidden_size,
+        "num_layers": args.layers,
+        "precision": args.precision,
+        "threads": args.threads,
+        "max_vocab": args.max_vocab,
+        "split": args.split,
+        "lowercase": args.lowercase,
+    }
+    chosen: dict[str, Any] = {key: value for key, value in flags.items() if value is not None}
+    if args.epochs is not None and args.max_minutes is None:
+        chosen["max_minutes"] = None  # --epochs alone: the epochs are the budget the schedule decays over
+    chosen["progress"] = not args.quiet
+    chosen.update(parse_overrides(args.set))
+    return recipe(args.corpus, args.out, **chosen)
 
 
 def _train(args: argparse.Namespace) -> int:
     from model.corpus import CorpusError
-    from model.train import train
+    from model.train import describe_epoch, train
 
-    cfg = train_config(args)
+    def show(entry: dict[str, Any]) -> None:
+        print(describe_epoch(entry), file=sys.stderr, flush=True)
+
     try:
-        result = train(cfg, resume=args.resume)
-    except (CorpusError, ValueError) as exc:  # a bad corpus, or flags no training step could run with
+        cfg = train_config(args)
+        result = train(cfg, resume=args.resume, on_epoch=None if args.quiet else show)
+    except (CorpusError, ValueError) as exc:  # a bad corpus, or a configuration no training step could run with
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -152,7 +119,7 @@ def _eval(args: argparse.Namespace) -> int:
     model = ckpt.build_model()
     metrics: dict[str, Any] = evaluate_stream(model, encode_stream(ckpt.vocab, text), unk_id=ckpt.vocab.unk_id)
     metrics["vocab_size"] = len(ckpt.vocab)
-    metrics["temperature"] = ckpt.config.temperature  # 1 unless calibrated (train --calibrate, cellgate calibrate)
+    metrics["temperature"] = ckpt.config.temperature  # 1 unless calibrated (cellgate train does, or cellgate calibrate)
     if args.keystrokes:
         from model.keystrokes import simulate_typing
         from service.completion import Completer
@@ -170,10 +137,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import torch
 
+    from model.calibration import calibrate_checkpoint
     from model.checkpoint import load_checkpoint, resolve_checkpoint
     from model.corpus import CorpusError, load_corpus
     from model.data import encode_stream
-    from model.train import calibrate_checkpoint
 
     try:
         path = resolve_checkpoint(args.checkpoint)
@@ -335,76 +302,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a word-level LSTM language model")
+    t = sub.add_parser(
+        "train",
+        help="train a word-level LSTM language model",
+        description="Train the recipe for the corpus (model/recipe.py: for text, the best found for a 5-minute "
+        "budget on a CPU; for builtin:longrange, the demo's). The flags change what users tune; --set changes any "
+        "other field of the recipe.",
+    )
     t.add_argument("--corpus", required=True, help="a UTF-8 text file, a directory of .txt files, or builtin:longrange")
     t.add_argument("--out", required=True, help="directory for best.pt, last.pt and log.jsonl")
     t.add_argument("--valid", help="validation text (default: hold out the last 5%% of lines)")
-    t.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    t.add_argument("--max-minutes", type=float, help="the time budget the schedule decays over (default: 5)")
+    t.add_argument("--epochs", type=int, help="at most this many epochs; alone, the budget instead of the time")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--seed", type=int, help="default 0")
+    t.add_argument("--quiet", action="store_true", help="no progress bar and no line per epoch")
+    t.add_argument("--hidden-size", type=int, help="width of every layer (and of the tied embedding); default 256")
+    t.add_argument("--layers", type=int, help="stacked LSTM layers; default 2")
     t.add_argument(
-        "--custom", action="store_true", help="for builtin:longrange, use the flags below instead of the demo recipe"
+        "--precision",
+        choices=["auto", "fp32", "bf16", "bf16-all"],
+        help="auto (default): bfloat16 where the CPU computes it natively, fp32 elsewhere",
     )
-    t.add_argument("--no-lowercase", action="store_true")
-    t.add_argument("--split", choices=["words", "whitespace"], default="words")
-    t.add_argument("--min-freq", type=int, default=1)
-    t.add_argument("--max-vocab", type=int)
-    t.add_argument("--hidden-size", type=int, default=200)
-    t.add_argument("--embed-size", type=int, help="word vector size (default: the hidden size; tying needs them equal)")
-    t.add_argument("--layers", type=int, default=2)
-    t.add_argument("--dropout", type=float, default=0.2, help="locked dropout on the input, between layers and output")
-    t.add_argument("--input-dropout", type=float, default=None, help="on the embedded input (default: --dropout)")
-    t.add_argument("--layer-dropout", type=float, default=None, help="between layers instead (default: --dropout)")
-    t.add_argument("--embed-dropout", type=float, default=0.0)
-    t.add_argument("--recurrent-dropout", type=float, default=0.0)
-    t.add_argument("--no-tie", action="store_true")
-    t.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    t.add_argument("--lr", type=float, default=20.0)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--clip", type=float, default=0.25)
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    t.add_argument("--max-vocab", type=int, help="keep only the most frequent words (default: every training word)")
     t.add_argument(
-        "--schedule",
-        choices=["plateau", "cosine", "budget", "none"],
-        default="plateau",
-        help="budget: cosine to zero over --max-minutes (or --epochs), per batch",
-    )
-    t.add_argument("--warmup", type=float, default=0.0, help="budget schedule: fraction of the budget warming up")
-    t.add_argument("--precision", choices=["fp32", "bf16", "bf16-all"], default="fp32")
-    t.add_argument("--softmax", choices=["full", "sampled"], default="full", help="training loss (eval: always full)")
-    t.add_argument("--samples", type=int, default=1024, help="sampled softmax: shared negatives per batch")
-    t.add_argument(
-        "--sample-power", type=float, default=0.75, help="sampled softmax: negatives drawn in proportion to count^this"
+        "--split",
+        choices=["auto", "words", "whitespace"],
+        help="auto (default): whitespace for text that comes tokenized (WikiText), words and punctuation otherwise",
     )
     t.add_argument(
-        "--rare-word-unk", type=float, default=0.0, help="alpha: a word seen c times becomes <unk> w.p. alpha/(alpha+c)"
+        "--lowercase",
+        action=argparse.BooleanOptionalAction,
+        help="default: lowercase unless the text comes tokenized",
     )
-    t.add_argument("--activation-reg", type=float, default=0.0, help="AR weight")
-    t.add_argument("--temporal-reg", type=float, default=0.0, help="TAR weight")
-    t.add_argument("--lr-floor", type=float, default=0.0, help="budget schedule: stop decaying at this fraction of lr")
-    t.add_argument("--decay", choices=("cosine", "linear"), default="cosine", help="budget schedule: the decay's shape")
     t.add_argument(
-        "--average-from",
-        type=float,
-        default=None,
-        help="average the weights from this fraction of training on; checkpoints take the mean if it validates better",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other TrainConfig field (model/recipe.py gives each with its reason), e.g. --set dropout=0.4",
     )
-    t.add_argument("--average-every", type=int, default=10, help="steps between the samples of that mean")
-    t.add_argument(
-        "--calibrate", action="store_true", help="fit best.pt's softmax temperature on the validation text at the end"
-    )
-    t.add_argument("--batch-size", type=int, default=20)
-    t.add_argument("--bptt", type=int, default=35)
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--patience", type=int, default=3)
-    t.add_argument(
-        "--validate-from",
-        type=float,
-        default=0.0,
-        help="validate (and keep a best checkpoint) only for epochs ending past this fraction of training; "
-        "the last epoch always validates (not with --schedule plateau)",
-    )
-    t.add_argument("--mode", choices=["stream", "lines"], default="stream")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("export", help="export a checkpoint to a verified ONNX bundle")

@@ -15,13 +15,10 @@ class LSTMConfig:
     hidden_size: int = 200  # width of h_t and C_t in every layer
     num_layers: int = 2  # stacked cells; layer l+1 reads h_t of layer l as its x_t
     dropout: float = 0.2  # locked dropout on the embedded input, between layers and before the decoder (training only)
-    # AWD-LSTM's split of that dropout: on the embedded input, and between layers; None means `dropout`.
-    input_dropout: float | None = None
-    layer_dropout: float | None = None
     embed_dropout: float = 0.0  # drops whole word types from the embedding (training only)
     tie_weights: bool = True  # decoder reuses the embedding matrix: fewer parameters, better perplexity
-    # The decoder's logits are divided by it. 1 as trained; `cellgate train --calibrate` fits it on the validation
-    # text afterwards (temperature scaling): a model that has begun to over-fit is over-confident, T > 1.
+    # The decoder's logits are divided by it. 1 as trained; `cellgate train` fits it on the validation text
+    # afterwards (temperature scaling): a model that has begun to over-fit is over-confident, T > 1.
     temperature: float = 1.0
 
     def __post_init__(self) -> None:

@@ -1,14 +1,17 @@
-"""Token ids into batches: a continuous stream for truncated BPTT, or one sequence per line."""
+"""Token ids into batches: a continuous stream for truncated BPTT, or one sequence per line; a run's data."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from model.vocab import Vocabulary
+from model.corpus import LONGRANGE, load_corpus, longrange_text
+from model.recipe import TrainConfig, tokenization
+from model.vocab import Vocabulary, tokenize
 
 
 def encode_stream(vocab: Vocabulary, text: str) -> Tensor:
@@ -76,3 +79,68 @@ def line_batches(
     if rng is not None:
         rng.shuffle(batches)
     return batches
+
+
+def split_valid(text: str, fraction: float) -> tuple[str, str]:
+    """The text's lines cut into (train, validation): the last `fraction` of them held out."""
+    lines = text.splitlines()
+    cut = max(1, int(len(lines) * (1 - fraction)))
+    if cut >= len(lines):
+        raise ValueError("the corpus has too few lines to hold out a validation slice; pass --valid")
+    return "\n".join(lines[:cut]) + "\n", "\n".join(lines[cut:]) + "\n"
+
+
+class TrainingData:
+    """A run's training and validation data in its mode, and its config with the tokenization decided.
+
+    With a vocabulary (a resumed run's), text is read with that vocabulary's rules; without one, the
+    vocabulary is built from the training text by the config's (model.recipe.tokenization).
+    """
+
+    def __init__(self, cfg: TrainConfig, vocab: Vocabulary | None) -> None:
+        self.longrange = cfg.corpus == LONGRANGE
+        text = load_corpus(cfg.corpus, cfg.seed, cfg.episodes, cfg.gap_min, cfg.gap_max)
+        if cfg.valid:
+            train_text, valid_text = text, load_corpus(cfg.valid)
+        else:
+            train_text, valid_text = split_valid(text, cfg.valid_fraction)
+        if vocab is None:
+            cfg = tokenization(cfg, train_text)
+            vocab = Vocabulary.build(
+                tokenize(train_text, bool(cfg.lowercase), cfg.split),
+                min_freq=cfg.min_freq,
+                max_size=cfg.max_vocab,
+                lowercase=bool(cfg.lowercase),
+                split=cfg.split,
+            )
+        else:
+            cfg = replace(cfg, lowercase=vocab.lowercase, split=vocab.split)
+        self.cfg = cfg
+        self.vocab = vocab
+        if cfg.mode == "lines":
+            self.valid_lines = encode_lines(vocab, valid_text)
+            self.train_lines = encode_lines(vocab, train_text)
+        else:
+            self.valid_ids = encode_stream(vocab, valid_text)
+            self.train_ids = encode_stream(vocab, train_text)
+            self.train_counts = torch.bincount(self.train_ids, minlength=len(vocab))  # (V,), the sampled softmax's q
+            self.train_streams = batchify(self.train_ids, cfg.batch_size)
+
+    def train_batches(self, epoch: int, rng: random.Random, gap_max: int) -> list[tuple[Tensor, Tensor]]:
+        """The epoch's batches: stream windows (rare words drawn as <unk> afresh), or shuffled line batches."""
+        cfg = self.cfg
+        if cfg.mode == "stream":
+            streams = self.train_streams
+            if cfg.rare_word_unk > 0:
+                # A fresh draw each epoch, fixed by (seed, epoch) so that --resume replays it.
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+                unk = self.vocab.unk_id
+                ids = rare_words_to_unk(self.train_ids, self.train_counts, cfg.rare_word_unk, unk, generator)
+                streams = batchify(ids, cfg.batch_size)
+            return list(stream_windows(streams, cfg.bptt))
+        lines = self.train_lines
+        if self.longrange:
+            # Fresh episodes every epoch (no memorisation), with the curriculum's largest gap.
+            text = longrange_text(cfg.seed * 7919 + epoch, cfg.episodes, cfg.gap_min, gap_max)
+            lines = encode_lines(self.vocab, text)
+        return line_batches(lines, cfg.batch_size, self.vocab.pad_id, rng)

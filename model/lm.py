@@ -38,10 +38,6 @@ def locked_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return x * dropout_mask((x.shape[0], 1, x.shape[2]), p, x.dtype)
 
 
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
 class LSTMLanguageModel(nn.Module):
     def __init__(self, config: LSTMConfig, recurrent_dropout: float = 0.0, sparse_grad: bool = False) -> None:
         super().__init__()
@@ -90,7 +86,7 @@ class LSTMLanguageModel(nn.Module):
         if state is None:
             state = self.zero_state(tokens.shape[0])
         config = self.config
-        x = locked_dropout(self._embed(tokens), _or(config.input_dropout, config.dropout), self.training)
+        x = locked_dropout(self._embed(tokens), config.dropout, self.training)
         new_h, new_c = [], []
         layers: list[LSTMLayer] = list(self.layers)  # type: ignore[arg-type]
         for index, layer in enumerate(layers):
@@ -99,8 +95,7 @@ class LSTMLanguageModel(nn.Module):
                 x, h, c, _ = layer.forward_explicit(x, h, c)
             else:
                 x, h, c = layer(x, h, c, recurrent_dropout=self.recurrent_dropout)
-            last = index == len(layers) - 1
-            x = locked_dropout(x, config.dropout if last else _or(config.layer_dropout, config.dropout), self.training)
+            x = locked_dropout(x, config.dropout, self.training)
             new_h.append(h)
             new_c.append(c)
         return x, LSTMState(torch.stack(new_h), torch.stack(new_c))

@@ -3,11 +3,12 @@
 The decoder (V x H, tied to the embedding) dominates the cost of a training step when V is large:
 three (N x H) x (H x V) matmuls plus a log-softmax over N x V. The sampled softmax (Jean et al.,
 2015) scores each target against `samples` negatives shared by the whole batch, drawn from the
-unigram distribution raised to `power`. Each sampled logit is corrected by log(samples · q(word)),
-which makes the sampled sum an unbiased estimate of the partition function over the other words;
-the target's own logit is exact. The loss therefore tends to the full cross-entropy as `samples`
-grows, and its gradient to the full softmax's. It only ever changes training: evaluation, export and
-serving keep the full softmax over the same decoder weights.
+training text's unigram distribution (word2vec's count^0.75 was no better: docs/experiments.md,
+g10-g12). Each sampled logit is corrected by log(samples · q(word)), which makes the sampled sum an
+unbiased estimate of the partition function over the other words; the target's own logit is exact.
+The loss therefore tends to the full cross-entropy as `samples` grows, and its gradient to the full
+softmax's. It only ever changes training: evaluation, export and serving keep the full softmax over
+the same decoder weights.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from torch import Tensor, nn
 
 
 class SampledSoftmax:
-    """Sampled-softmax loss with a fixed proposal q(w) ∝ count(w)^power over the vocabulary."""
+    """Sampled-softmax loss with a fixed proposal q(w) ∝ count(w) over the vocabulary."""
 
-    def __init__(self, counts: Tensor, samples: int, power: float = 0.75) -> None:
+    def __init__(self, counts: Tensor, samples: int) -> None:
         if samples < 1:
             raise ValueError(f"samples must be positive, got {samples}")
         # Every word gets drawn now and then, even one the stream never shows (<pad>): the full softmax
         # at evaluation sums over all of them, so training must push them all down.
-        weights = counts.double().clamp(min=1) ** power
+        weights = counts.double().clamp(min=1)
         self.probs = (weights / weights.sum()).float()  # (V,)
         self.samples = samples
         self.log_expected = torch.log(self.probs * samples)  # (V,)

@@ -22,7 +22,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.training import tiny_train_config
 
     out = tmp_path_factory.mktemp("tiny_run")
-    cfg = tiny_train_config(out, embed_size=32, hidden_size=32, batch_size=32, epochs=4, episodes=400, gap_max=12)
+    cfg = tiny_train_config(out, hidden_size=32, batch_size=32, epochs=4, episodes=400, gap_max=12)
     train(cfg)
     return out
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shlex
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,7 @@ import pytest
 from bench import train_quality
 from cellgate.cli import build_parser, train_config
 from model.corpus import longrange_text
-from model.train import bf16_native
+from model.cpu import bf16_native
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_bench(data: Path, out: Path, *extra: str) -> dict:
-    small = ["hidden_size=16", "embed_size=16", "samples=16", "batch_size=4"]
+    small = ["hidden_size=16", "samples=16", "batch_size=4"]
     argv = ["--data", str(data), "--run-dir", str(out / "run"), "--out", str(out / "report.json"), "--quiet"]
     argv += ["--max-minutes", "0.03", *[arg for pair in small for arg in ("--set", pair)], *extra]
     assert train_quality.main(argv) == 0
@@ -51,12 +51,12 @@ def test_report_follows_the_protocol(data: Path, tmp_path: Path) -> None:
 
 
 def test_recipe_precision_adapts_to_the_cpu_but_an_explicit_one_is_kept(data: Path, tmp_path: Path) -> None:
-    recipe = run_bench(data, tmp_path / "recipe")  # BEST asks for bf16-all
+    recipe = run_bench(data, tmp_path / "recipe")  # BEST asks for "auto"
     if bf16_native():
-        assert recipe["precision_fallback"] is None or "bf16-all -> bf16" in recipe["precision_fallback"]
+        assert recipe["precision_fallback"] in (None, "auto -> bf16: no bfloat16 LSTM kernel on this CPU")
         assert recipe["config"]["precision"] in ("bf16-all", "bf16")
     else:
-        assert recipe["precision_fallback"] == "bf16-all -> fp32: this CPU has no native bfloat16"
+        assert recipe["precision_fallback"] == "auto -> fp32: this CPU has no native bfloat16"
         assert recipe["config"]["precision"] == "fp32"
     explicit = run_bench(data, tmp_path / "explicit", "--set", "precision=bf16")
     assert explicit["precision_fallback"] is None
@@ -67,7 +67,7 @@ def test_profile_times_the_recipe_step_and_lists_its_ops(data: Path, tmp_path: P
     """`--profile N` times N steps of the recipe and prints torch.profiler's table of its ops."""
     out = tmp_path / "profile.txt"
     argv = ["--data", str(data), "--run-dir", str(tmp_path / "run"), "--out", str(out), "--profile", "3", "--quiet"]
-    argv += ["--set", "hidden_size=16", "--set", "embed_size=16", "--set", "samples=16", "--set", "batch_size=4"]
+    argv += ["--set", "hidden_size=16", "--set", "samples=16", "--set", "batch_size=4"]
     argv += ["--set", "bptt=5"]  # the generated corpus must hold 20 warm-up + 3 profiled batches
     assert train_quality.main(argv) == 0
     text = out.read_text(encoding="utf-8")
@@ -77,19 +77,16 @@ def test_profile_times_the_recipe_step_and_lists_its_ops(data: Path, tmp_path: P
     assert not (tmp_path / "run" / "best.pt").exists()  # a profile trains nothing to keep
 
 
-def test_the_docs_best_command_trains_the_best_recipe() -> None:
-    """docs/benchmarks.md gives BEST as a `cellgate train` command for one's own corpus: it must stay that recipe."""
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text(encoding="utf-8")
-    lines = docs[docs.index("    cellgate train --corpus train.txt") :].splitlines()
-    command = []
-    for line in lines:
-        command.append(line.strip().removesuffix("\\"))
-        if not line.rstrip().endswith("\\"):
-            break
-    argv = shlex.split(" ".join(command))
-    assert argv[:2] == ["cellgate", "train"]
-    cfg = train_config(build_parser().parse_args(argv[1:]))
-    for key, value in train_quality.BEST.items():
-        if key != "precision":  # the docs leave bf16-all to CPUs with native bfloat16, as the bench does
-            assert getattr(cfg, key) == value, key
-    assert (cfg.lowercase, cfg.split, cfg.min_freq, cfg.max_minutes) == (False, "whitespace", 1, 5.0)  # the protocol
+def test_best_is_what_cellgate_train_runs_with_no_flags(data: Path, tmp_path: Path) -> None:
+    """The bench's BEST and `cellgate train --corpus T --valid V` are one recipe; the bench adds the protocol's split
+    and vocabulary (which `cellgate train` infers for WikiText: tests/model/test_recipe.py)."""
+    run_dir = tmp_path / "run"
+    argv = ["--data", str(data), "--run-dir", str(run_dir), "--quiet", "--seed", "4"]
+    bench = asdict(train_quality.setup(train_quality.main_parser().parse_args(argv)).cfg)
+    data_dir = run_dir / "data"
+    command = ["train", "--corpus", str(data_dir / "train.txt"), "--valid", str(data_dir / "valid.txt")]
+    command += ["--out", str(run_dir), "--seed", "4", "--threads", "2", "--quiet"]
+    cli = asdict(train_config(build_parser().parse_args(command)))
+    protocol = set(train_quality.PROTOCOL)
+    assert {k: v for k, v in bench.items() if k not in protocol} == {k: v for k, v in cli.items() if k not in protocol}
+    assert bench["max_minutes"] == 5.0

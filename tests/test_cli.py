@@ -1,4 +1,5 @@
-"""`cellgate predict` and `cellgate chat` as subprocesses against a real server."""
+"""`cellgate train`'s configuration and output, and `cellgate predict` and `chat` as subprocesses against a real
+server (train's runs, eval and calibrate: tests/model/test_train.py and test_calibration.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
+import pytest
 
+from cellgate.cli import build_parser, train_config
+from model.checkpoint import LAST, load_checkpoint
+from model.corpus import LONGRANGE, longrange_text
+from model.recipe import LONGRANGE_RECIPE, TrainConfig, recipe
 from tests.servers import ServerProcess
 
 PRIMER = "i stay in india ."
@@ -19,6 +26,88 @@ def cellgate(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
     return subprocess.run(
         [sys.executable, "-m", "cellgate.cli", *args], input=stdin, capture_output=True, text=True, timeout=120
     )
+
+
+def parsed_train_config(*flags: str) -> TrainConfig:
+    return train_config(build_parser().parse_args(["train", *flags]))
+
+
+def test_train_with_no_flags_runs_the_corpus_recipe() -> None:
+    """No flag: the text recipe (TrainConfig's defaults, BEST) or, for builtin:longrange, the demo's."""
+    assert parsed_train_config("--corpus", "t.txt", "--out", "o") == recipe("t.txt", "o")
+    assert parsed_train_config("--corpus", "t.txt", "--out", "o") == TrainConfig(corpus="t.txt", out="o")
+    demo = parsed_train_config("--corpus", LONGRANGE, "--out", "o")
+    assert demo == recipe(LONGRANGE, "o")
+    assert demo.hidden_size == LONGRANGE_RECIPE["hidden_size"]
+
+
+def test_train_flags_change_only_what_they_name() -> None:
+    flags = ["--corpus", "t.txt", "--out", "o", "--valid", "v.txt", "--hidden-size", "128", "--layers", "1"]
+    flags += ["--precision", "fp32", "--seed", "3", "--threads", "1", "--max-vocab", "5000", "--split", "whitespace"]
+    flags += ["--no-lowercase", "--max-minutes", "2", "--quiet", "--set", "dropout=0.4", "--set", "softmax=full"]
+    chosen = {"valid": "v.txt", "hidden_size": 128, "num_layers": 1, "precision": "fp32", "seed": 3, "threads": 1}
+    chosen |= {"max_vocab": 5000, "split": "whitespace", "lowercase": False, "max_minutes": 2.0, "progress": False}
+    assert parsed_train_config(*flags) == recipe("t.txt", "o", **chosen, dropout=0.4, softmax="full")
+    # --epochs alone is the budget the schedule decays over; with --max-minutes, whichever ends first.
+    assert parsed_train_config("--corpus", "t.txt", "--out", "o", "--epochs", "3").max_minutes is None
+    both = parsed_train_config("--corpus", "t.txt", "--out", "o", "--epochs", "3", "--max-minutes", "1")
+    assert (both.epochs, both.max_minutes) == (3, 1.0)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "tiny.txt"
+    path.write_text(longrange_text(seed=3, episodes=200, gap_min=0, gap_max=12), encoding="utf-8")
+    return path
+
+
+def test_train_writes_one_line_per_epoch_to_a_pipe(text_file: Path, tmp_path: Path) -> None:
+    """stderr is a pipe here: no progress bar's carriage-return updates, one line per epoch, the flags in last.pt."""
+    done = cellgate(
+        "train", "--corpus", str(text_file), "--out", str(tmp_path), "--epochs", "2", "--hidden-size", "16",
+        "--precision", "fp32", "--threads", "1", "--set", "batch_size=4",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1", "epoch 2"]
+    assert "valid ppl" in lines[1]  # the last epoch always validates
+    assert json.loads(done.stdout)["epochs"] == 2
+    config = load_checkpoint(tmp_path / LAST).train_config
+    assert (config["hidden_size"], config["batch_size"], config["epochs"], config["max_minutes"]) == (16, 4, 2, None)
+    assert (config["split"], config["lowercase"]) == ("words", True)  # "auto", decided for this text
+    quiet = cellgate(
+        "train",
+        "--corpus",
+        str(text_file),
+        "--out",
+        str(tmp_path / "q"),
+        "--epochs",
+        "1",
+        "--hidden-size",
+        "16",
+        "--quiet",
+    )
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+
+
+def test_train_refuses_a_configuration_no_step_could_run_with(text_file: Path, tmp_path: Path) -> None:
+    """A one-line error and exit 2, not a traceback, and no checkpoint."""
+    out = tmp_path / "refused"
+    for flags, message in (
+        (["--set", "validate_from=2"], "validate_from must be in [0, 1]"),
+        (["--set", "schedule=plateau"], "plateau schedule"),  # the recipe validates only its last 20 %
+        (["--set", "rare_word_unk=-1"], "rare_word_unk must be >= 0"),
+        (["--set", "batch_size=100000"], "too few for batch size"),
+        (["--set", "average_from=0.5"], "TrainConfig field"),
+    ):
+        done = cellgate("train", "--corpus", str(text_file), "--out", str(out), "--quiet", "--epochs", "1", *flags)
+        assert done.returncode == 2, (flags, done.stderr)
+        assert done.stderr.startswith("error: "), flags
+        assert message in done.stderr, (flags, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert not (out / LAST).exists()
 
 
 def stateless(server: ServerProcess, text: str, k: int) -> list[dict[str, float | str]]:

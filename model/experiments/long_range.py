@@ -2,8 +2,8 @@
 
 Both models get the same shape (embedding, hidden size, layers), optimiser, time budget, schedule and
 accuracy-driven gap curriculum; the probe is the accuracy of the word after "i speak" by filler-gap
-bucket (`model.evaluate.long_range_accuracy`). The demo recipe for `cellgate train --corpus
-builtin:longrange` lives here too, because it is the recipe this experiment measures.
+bucket (`model.evaluate.long_range_accuracy`). Both train the demo's recipe, the one `cellgate train --corpus
+builtin:longrange` runs (model.recipe.LONGRANGE_RECIPE).
 """
 
 from __future__ import annotations
@@ -24,48 +24,14 @@ from model.config import LSTMConfig
 from model.corpus import COUNTRY_LANGUAGE, LONGRANGE
 from model.evaluate import BUCKET_WIDTH, long_range_accuracy
 from model.lm import LSTMLanguageModel, locked_dropout
-from model.train import ModelFactory, TrainConfig, as_language_model, train
+from model.recipe import TrainConfig, recipe
+from model.train import ModelFactory, as_language_model, train
 
 BAR_GAP = 60  # the demo recipe must hold every bucket below this many filler words…
 BAR_ACCURACY = 0.95  # …at this accuracy or better
 MAX_GAP = 100  # buckets are reported up to here
 CHANCE = 1 / len(COUNTRY_LANGUAGE)  # guessing a language without remembering the country
 MODELS = ("lstm", "rnn")
-
-
-def demo_train_config(out: str, seed: int = 0) -> TrainConfig:
-    """The recipe that teaches the demo LSTM to carry a country across 60+ filler words in ~2 minutes."""
-    return TrainConfig(
-        corpus=LONGRANGE,
-        out=out,
-        seed=seed,
-        mode="lines",  # one episode per sequence from a zero state: the gradient crosses the whole gap
-        embed_size=64,
-        hidden_size=64,  # ~100k tokens/s on one idle CPU thread; 128 clicked no more reliably
-        num_layers=2,  # the demo page shows two layers of gates
-        dropout=0.0,  # the task is noise-free and fresh episodes every epoch already prevent memorising
-        tie_weights=True,
-        optimizer="adamw",
-        lr=1e-2,  # the country→language link clicks only after a plateau; at 3e-3 it had not after 60 epochs
-        clip=1.0,
-        schedule="none",  # a decaying rate would stall the curriculum's later steps
-        batch_size=16,  # with 32 the plateau's length varied far more from seed to seed
-        epochs=2000,  # an upper bound; target_accuracy or max_minutes end training first
-        patience=10**6,  # validation loss rises whenever the curriculum lengthens the gap; never stop on it
-        max_minutes=5.0,
-        # Fresh episodes per epoch. An epoch ends in a validation pass, a 500-episode probe and two
-        # checkpoints, about as costly as 1,000 short first-step episodes; 3,000 keep that overhead small.
-        episodes=3000,
-        gap_min=0,
-        gap_max=MAX_GAP,
-        curriculum_start=5,  # a country, at most one filler sentence, then "i speak"
-        curriculum_mastery=0.95,  # lengthen the gap only once the current one is remembered
-        curriculum_step=10,
-        target_accuracy=0.98,
-        # Matrices this small gain nothing from a second intra-op thread, and on a busy two-core machine
-        # its spin-waiting cut training from ~30-100k to 3-8k tokens/s; one thread is the robust choice.
-        threads=1,
-    )
 
 
 class RNNState(NamedTuple):
@@ -184,7 +150,7 @@ def run_experiment(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    base = replace(demo_train_config(str(out_dir), seed), max_minutes=minutes_per_model, progress=False)
+    base = recipe(LONGRANGE, str(out_dir), seed=seed, max_minutes=minutes_per_model, progress=False)
     if threads is not None:
         base = replace(base, threads=threads)
     if base.threads is not None:

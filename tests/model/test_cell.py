@@ -366,28 +366,24 @@ def test_recurrent_dropout_only_in_training() -> None:
     assert max_diff(train_logits, eval_logits) > 1e-4
 
 
-@pytest.mark.parametrize(
-    ("split", "rates"),
-    [({}, [0.3, 0.3, 0.3, 0.3]), ({"input_dropout": 0.5, "layer_dropout": 0.1}, [0.5, 0.1, 0.1, 0.3])],
-    ids=["one-rate", "awd-split"],
-)
-def test_locked_dropout_rates_by_site(
-    monkeypatch: pytest.MonkeyPatch, split: dict[str, float], rates: list[float]
-) -> None:
-    """Input, between each pair of layers, output: each site drops at its own rate (`dropout` by default)."""
+def test_locked_dropout_at_every_site(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Input, between each pair of layers, output: each site drops at `dropout` in training, none in eval."""
     model = make_model(9, num_layers=3)  # dropout 0.3
-    model.config = LSTMConfig(**{**model.config.to_dict(), **split})
-    seen: list[float] = []
+    seen: list[tuple[float, bool]] = []
     real = lm_module.locked_dropout
 
     def recording(x: Tensor, p: float, training: bool) -> Tensor:
-        seen.append(p)
+        seen.append((p, training))
         return real(x, p, training)
 
     monkeypatch.setattr(lm_module, "locked_dropout", recording)
     model.train()
     model(random_tokens(2, 5, 9), random_state(model, 2, 9))
-    assert seen == rates
+    assert seen == [(0.3, True)] * 4
+    seen.clear()
+    model.eval()
+    model(random_tokens(2, 5, 9), random_state(model, 2, 9))
+    assert seen == [(0.3, False)] * 4
 
 
 def test_embedding_dropout_drops_whole_word_types() -> None:

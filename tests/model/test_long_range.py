@@ -17,13 +17,13 @@ from model.experiments.long_range import (
     RNNState,
     TanhRNNLanguageModel,
     bucket_names,
-    demo_train_config,
     format_table,
     main,
     passes_bar,
 )
 from model.lm import LSTMLanguageModel
-from model.train import TrainConfig, as_language_model, train
+from model.recipe import LONGRANGE_RECIPE, TrainConfig, recipe
+from model.train import as_language_model, train
 from tests.training import tiny_train_config
 
 CONFIG = LSTMConfig(vocab_size=23, embed_size=8, hidden_size=8, num_layers=2, dropout=0.0)
@@ -91,7 +91,8 @@ class TestGenerator:
 
 
 def test_demo_recipe() -> None:
-    cfg = demo_train_config("runs/x", seed=1)
+    cfg = recipe(LONGRANGE, "runs/x", seed=1)
+    assert {key: getattr(cfg, key) for key in LONGRANGE_RECIPE} == LONGRANGE_RECIPE
     assert (cfg.corpus, cfg.out, cfg.seed, cfg.mode) == (LONGRANGE, "runs/x", 1, "lines")
     assert cfg.num_layers == 2
     assert cfg.curriculum_mastery is not None
@@ -109,7 +110,6 @@ def test_passes_bar_looks_only_below_the_bar_gap() -> None:
 def _tiny(out: Path, mastery: float) -> TrainConfig:
     return tiny_train_config(
         out,
-        embed_size=8,
         hidden_size=8,
         num_layers=1,
         episodes=40,
