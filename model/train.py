@@ -1,7 +1,8 @@
 """The training loop: SGD or AdamW with clipping, a schedule, per-epoch validation, checkpoints and resume.
 
 What a run trains with is model/recipe.py's (TrainConfig), what it reads model/data.py's (TrainingData),
-what it does once training ends model/calibration.py's, and what the CPU can do model/cpu.py's. Two data modes:
+its optimizer, schedule and clipping model/optim.py's, what it does once training ends model/calibration.py's,
+and what the CPU can do model/cpu.py's. Two data modes:
 - "stream": the corpus is one token stream cut into `batch_size` parallel streams; windows of
   `bptt` tokens are trained in order and (h, C) is carried (detached) from one window to the next.
 - "lines": each line is one sequence from a zero state, so backpropagation spans the whole line.
@@ -14,7 +15,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +33,7 @@ from model.cpu import keep_freed_memory, resolve_precision
 from model.data import TrainingData, line_batches
 from model.evaluate import LanguageModel, detach_state, evaluate_batches, evaluate_stream, long_range_accuracy
 from model.lm import LSTMLanguageModel, LSTMState
+from model.optim import budget_lr, clip_grad_norm, make_optimizer
 from model.recipe import TrainConfig
 from model.softmax import SampledSoftmax
 from model.vocab import Vocabulary
@@ -78,35 +80,6 @@ def describe_epoch(entry: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def budget_lr(cfg: TrainConfig, progress: float) -> float:
-    """The "budget" schedule at `progress` in [0, 1]: straight down from cfg.lr to zero."""
-    return cfg.lr * max(0.0, 1.0 - progress)
-
-
-def clip_grad_norm(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
-    """Scale all gradients together so their total L2 norm is at most max_norm; returns the norm before.
-
-    torch's clip_grad_norm_, for row-sparse gradients too (it refuses them): those are coalesced first,
-    so rows gathered twice are summed before their norm is taken, exactly as in the dense gradient.
-    """
-    grads = []
-    for p in parameters:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()
-            grads.append(p.grad._values())
-        else:
-            grads.append(p.grad)
-    if not grads:
-        return torch.zeros(())
-    total: Tensor = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(scale)
-    return total
-
-
 def mastered(long_range: dict[str, dict[str, float]], gap_max: int, threshold: float) -> bool:
     """Whether every probe bucket starting below gap_max (at least the first) reaches threshold."""
     below = [v["accuracy"] for k, v in long_range.items() if int(k.split("-")[0]) < max(gap_max, 1)]
@@ -129,12 +102,7 @@ def _training_parts(
         model = LSTMLanguageModel(cfg.model_config(len(data.vocab)), cfg.recurrent_dropout, sparse_grad=sparse)
     else:
         model = model_factory(cfg.model_config(len(data.vocab)))
-    optimizer: torch.optim.Optimizer
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    else:
-        # No weight decay (torch's AdamW defaults to 0.01): the demo's recipe was found without it.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = make_optimizer(cfg, model)
     sampler = SampledSoftmax(data.train_counts, cfg.samples) if sampled else None
     return model, optimizer, sampler
 

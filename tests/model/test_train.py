@@ -18,13 +18,12 @@ from model.corpus import CorpusError
 from model.cpu import bf16_recurrence_supported
 from model.data import TrainingData, rare_words_to_unk
 from model.lm import LSTMLanguageModel
+from model.optim import budget_lr, clip_grad_norm
 from model.recipe import TrainConfig
 from model.softmax import SampledSoftmax
 from model.train import (
     _train_epoch,
     _training_parts,
-    budget_lr,
-    clip_grad_norm,
     describe_epoch,
     profile_steps,
     train,
