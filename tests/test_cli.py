@@ -23,8 +23,10 @@ PRIMER = "i stay in india ."
 
 
 def cellgate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    # A training run on a shared two-core machine under other jobs' load has taken minutes; a chat, seconds.
+    timeout = 600 if args[0] == "train" else 120
     return subprocess.run(
-        [sys.executable, "-m", "cellgate.cli", *args], input=stdin, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cellgate.cli", *args], input=stdin, capture_output=True, text=True, timeout=timeout
     )
 
 
