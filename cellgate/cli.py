@@ -126,7 +126,7 @@ def _eval(args: argparse.Namespace) -> int:
 
         vocab = ckpt.vocab
         completer = Completer(vocab.words, vocab.normalize, (vocab.pad_id, vocab.unk_id, vocab.eos_id))
-        # Read the text as the model was trained to: each line from a zero state after --mode lines.
+        # Read the text as the model was trained to: each line from a zero state after mode "lines".
         per_line = ckpt.train_config.get("mode") == "lines"
         report = simulate_typing(model, vocab, text, completer, k=args.k, per_line=per_line)
         metrics["keystrokes"] = {**report.to_dict(), "per_line": per_line}

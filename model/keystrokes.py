@@ -130,7 +130,7 @@ def simulate_typing(
     model: LSTMLanguageModel, vocab: Vocabulary, text: str, completer: Completes, k: int = 3, per_line: bool = False
 ) -> KeystrokeReport:
     """The typist on text (rules in the module docstring). per_line: each line from a zero state, for a model
-    trained that way (`--mode lines`); otherwise the state is carried through the whole text, as in a session."""
+    trained that way (mode "lines"); otherwise the state is carried through the whole text, as in a session."""
     model.eval()
     tally = Tally(k=k)
     eos = vocab.words[vocab.eos_id]
