@@ -6,6 +6,7 @@ the service uses it to load a bundle.
 manifest.json (format_version 1):
     format_version   int
     model_version    id derived from the SHA-256 of every file: same bytes, same id
+    name             optional: what clients call the model (default: the bundle directory's name)
     created_at       ISO-8601 UTC
     config           LSTMConfig as a dict (vocab_size, hidden_size, num_layers, ...)
     graphs           {"step": file, "explain": file}
@@ -67,6 +68,11 @@ def read_blocklist(path: Path) -> list[str]:
 class Bundle:
     path: Path
     manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        """What clients call the model: the manifest's `name` if it has one, else the bundle directory's name."""
+        return str(self.manifest.get("name") or self.path.resolve().name)
 
     @property
     def model_version(self) -> str:

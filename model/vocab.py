@@ -117,6 +117,14 @@ def detokenize(tokens: Iterable[str]) -> str:
     return "".join(out)
 
 
+def continuation(previous: str | None, token: str) -> str:
+    """The text `token` adds after `previous` (None: at the start of a text), its leading space included:
+    joined up, the pieces of a token sequence are exactly its detokenize()."""
+    if previous is None:
+        return detokenize([token])
+    return detokenize([previous, token])[len(detokenize([previous])) :]
+
+
 @dataclass
 class Vocabulary:
     """Bidirectional word <-> id map; ids 0..2 are the specials `<pad>`, `<unk>`, `<eos>`."""

@@ -18,12 +18,13 @@ from starlette.routing import Match, Mount, compile_path
 from starlette.types import Scope
 
 from export.bundle import load_bundle
+from service.catalog import Catalog, ServedModel
 from service.config import Settings
 from service.errors import CellgateError, ValidationFailed, from_http_status, render
 from service.metrics import Metrics
 from service.middleware import ServiceMiddleware
 from service.ratelimit import TokenBucketLimiter
-from service.routes import health, model, predict, sessions, stream
+from service.routes import health, model, openai, predict, sessions, stream, v2
 from service.routes.fast import STEP_TEMPLATE, FastSteps
 from service.runner import Runner
 from service.scheduler import Scheduler
@@ -54,11 +55,13 @@ def build_store(settings: Settings, metrics: Metrics) -> SessionStore:
 
 
 class DemoMount(Mount):
-    """The demo page at "/": GET and HEAD outside /v1/ only. A catch-all mount would answer every other
+    """The demo page at "/": GET and HEAD outside the APIs only. A catch-all mount would answer every other
     method on an API path itself (405 with `Allow: GET, HEAD`) instead of the route's own 405."""
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD") or scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
+            return Match.NONE, {}
+        if scope["path"].startswith(("/v1/", "/v2/")) or scope["path"] == "/v2":
             return Match.NONE, {}
         return super().matches(scope)
 
@@ -76,11 +79,18 @@ def _openapi_with_limits(app: FastAPI, settings: Settings) -> dict[str, Any]:
     """The generated schema with this deployment's limits as maxima, so that valid requests are accepted."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
-        limits = {"k": settings.max_k, "max_words": settings.max_generate_words}
+        limits = {
+            "k": settings.max_k,
+            "max_words": settings.max_generate_words,
+            "max_tokens": settings.max_generate_words,
+            "logprobs": settings.max_k,
+        }
         for component in schema.get("components", {}).get("schemas", {}).values():
             for name, limit in limits.items():
-                if name in component.get("properties", {}):
-                    component["properties"][name]["maximum"] = limit
+                prop = component.get("properties", {}).get(name, {})
+                for branch in (prop, *prop.get("anyOf", ())):  # `int | None` is an anyOf
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = limit
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -108,6 +118,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         await scheduler.start()
         app.state.runner = runner
         app.state.manager = SessionManager(store, scheduler, runner, settings, metrics)
+        app.state.catalog = Catalog([ServedModel.of(bundle, app.state.manager)])
         metrics.model_info.labels(bundle.model_version, ",".join(runner.providers), bundle.quantized or "none").set(1)
         metrics.build_info.labels(package_version()).set(1)
         # What exists now (modules, the model, the app) lives as long as the process: freezing it keeps the
@@ -163,7 +174,11 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return answer(request, ValidationFailed(_validation_message(exc)))
+        error = ValidationFailed(_validation_message(exc))
+        where = [str(p) for p in (exc.errors()[0].get("loc", ()) if exc.errors() else ()) if p != "body"]
+        if where:  # the first field at fault (OpenAI's `param`)
+            error.extra["field"] = ".".join(where)
+        return answer(request, error)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -178,7 +193,15 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         return answer(request, exc)
 
     # Hot routes first: Starlette tries routes in order.
-    for router in (sessions.router, stream.router, predict.router, health.router, model.router):
+    for router in (
+        sessions.router,
+        stream.router,
+        predict.router,
+        v2.router,
+        openai.router,
+        health.router,
+        model.router,
+    ):
         app.include_router(router)
     if STATIC.is_dir() and (STATIC / "index.html").exists():
         from fastapi.staticfiles import StaticFiles

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import Request, Response
 
+from service.catalog import Catalog
 from service.config import Settings
 from service.errors import RateLimited, Unauthorized, ValidationFailed
 from service.sessions import Reply, SessionManager
@@ -68,6 +69,12 @@ def caller_for(state: Any, headers: Mapping[str, str]) -> Caller:
     if limiter is not None and not limiter.allow(owner):
         raise RateLimited("too many requests for this key", headers={"Retry-After": "1"})
     return Caller(state.manager, settings, owner)
+
+
+def catalog(request: Request) -> Catalog:
+    """The served models (routes resolve a model name here, not through a global)."""
+    served: Catalog = request.app.state.catalog
+    return served
 
 
 def json_reply(reply: Reply, status_code: int = 200) -> Response:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 _ALLOWED_CONTROLS = {"\n", "\r", "\t"}
-# The same rule as _check_text, stated in the OpenAPI schema so that clients (and fuzzers) know it.
+# The same rule as check_text, stated in the OpenAPI schema so that clients (and fuzzers) know it.
 # (Lone surrogates are refused too, but a pattern cannot name them: they are not Unicode scalar values.)
 TEXT_PATTERN = "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*$"
 # A prefix is part of one word: no whitespace (Python's \s, which is str.isspace) and no control character.
@@ -16,22 +16,24 @@ PREFIX_PATTERN = "^[^\\s\\u0000-\\u001F\\u007F-\\u009F]*$"
 MAX_PREFIX_CHARS = 64
 
 
-def _json_number(value: object) -> object:
+def json_number(value: object) -> object:
     # pydantic's lax mode would read true as 1 and "5" as 5; JSON says neither is a number.
     if isinstance(value, bool | str):
         raise ValueError("must be a JSON number")
     return value
 
 
-JsonInt = Annotated[int, BeforeValidator(_json_number)]
-JsonFloat = Annotated[float, BeforeValidator(_json_number)]
+JsonInt = Annotated[int, BeforeValidator(json_number)]
+JsonFloat = Annotated[float, BeforeValidator(json_number)]
 # Bounds inside the type, before the validator, so that `X | None` keeps them in the JSON schema as minimum/maximum.
-StepNumber = Annotated[int, Field(ge=0), BeforeValidator(_json_number)]
+NonNegativeJsonInt = Annotated[int, Field(ge=0), BeforeValidator(json_number)]
+StepNumber = NonNegativeJsonInt
 # 2**53: the largest integer every JSON reader (JavaScript, or a validator working in doubles) holds exactly.
-Seed = Annotated[int, Field(ge=0, le=2**53), BeforeValidator(_json_number)]
+Seed = Annotated[int, Field(ge=0, le=2**53), BeforeValidator(json_number)]
 
 
-def _check_text(value: str) -> str:
+def check_text(value: str) -> str:
+    """value, if it has no control characters but \\n, \\r and \\t; raises ValueError."""
     for ch in value:
         if unicodedata.category(ch) in ("Cc", "Cs") and ch not in _ALLOWED_CONTROLS:
             raise ValueError(f"text contains the control character U+{ord(ch):04X}; only \\n, \\r and \\t are allowed")
@@ -44,7 +46,7 @@ class Strict(BaseModel):
 
 def _check_prefix(value: str | None) -> str | None:
     if value is not None:
-        _check_text(value)  # lone surrogates, which no pattern can name
+        check_text(value)  # lone surrogates, which no pattern can name
         if any(ch.isspace() for ch in value):
             raise ValueError("prefix is the word being typed and must not contain whitespace; send words as text")
     return value
@@ -69,7 +71,7 @@ class TextIn(Strict):
     @field_validator("text")
     @classmethod
     def _valid_text(cls, value: str) -> str:
-        return _check_text(value)
+        return check_text(value)
 
     @field_validator("prefix")
     @classmethod

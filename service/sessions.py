@@ -2,7 +2,8 @@
 
 Knows no FastAPI. Every operation loads a record from the Store, runs tokens through the
 Scheduler, and writes the new record back with compare-and-set on its revision, so that two
-replicas can never both apply a step on top of the same state.
+replicas can never both apply a step on top of the same state. (Past 400 lines on purpose: the
+ordering and exactly-once rules of every operation stay readable side by side in one class.)
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
 
-from model.vocab import detokenize
+from model.vocab import continuation, detokenize
 from service.completion import Completer, blocklist_entries
 from service.config import Settings
 from service.errors import (
@@ -28,10 +29,11 @@ from service.errors import (
     SessionNotFound,
     StepConflict,
     StoreUnavailable,
+    ValidationFailed,
 )
 from service.metrics import Metrics
 from service.runner import Runner
-from service.sampling import sample
+from service.sampling import GenerateOptions, OnWord, Sampled, SampledWord, first_stop, sample
 from service.scheduler import Scheduler, StepOutput
 from service.store.base import SessionRecord, SessionStore, Snapshot
 from service.store.codec import decode_state, encode_state
@@ -92,13 +94,18 @@ class Encoded:
     unknown: tuple[str, ...]
 
 
+Text = str | Sequence[int]  # words to feed: text, tokenized by the model's rules, or token ids
+
+
 @dataclass(frozen=True)
-class GenerateOptions:
-    max_words: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int | None
+class Continuation:
+    """Words sampled after a prompt, from a zero state or a session's."""
+
+    sampled: Sampled
+    prompt_tokens: int
+    unknown: tuple[str, ...]  # prompt words outside the vocabulary
+    session_id: str | None
+    step: int  # the session's step afterwards (stateless: prompt tokens + words)
 
 
 class SessionManager:
@@ -128,23 +135,31 @@ class SessionManager:
 
     # ----- helpers -----------------------------------------------------------------------------
 
-    def encode(self, text: str) -> Encoded:
+    def encode(self, text: Text) -> Encoded:
+        if not isinstance(text, str):
+            return self._check_ids(tuple(text))
         cached = self._encoded.get(text)
         if cached is not None:
             return cached
         ids, unknown = self.vocab.encode(text)
+        encoded = self._check_ids(tuple(ids), tuple(unknown))
+        if len(text) <= 64:  # keyboards send the same short words over and over
+            if len(self._encoded) >= ENCODE_CACHE_SIZE:
+                self._encoded.pop(next(iter(self._encoded)))
+            self._encoded[text] = encoded
+        return encoded
+
+    def _check_ids(self, ids: tuple[int, ...], unknown: tuple[str, ...] = ()) -> Encoded:
         if len(ids) > self.settings.max_tokens_per_request:
             raise InputTooLong(
                 f"the text has {len(ids)} tokens; the limit is {self.settings.max_tokens_per_request}",
                 tokens=len(ids),
                 limit=self.settings.max_tokens_per_request,
             )
-        encoded = Encoded(tuple(ids), tuple(unknown))
-        if len(text) <= 64:  # keyboards send the same short words over and over
-            if len(self._encoded) >= ENCODE_CACHE_SIZE:
-                self._encoded.pop(next(iter(self._encoded)))
-            self._encoded[text] = encoded
-        return encoded
+        if not unknown and ids and not 0 <= min(ids) <= max(ids) < self.runner.vocab_size:
+            bad = next(i for i in ids if not 0 <= i < self.runner.vocab_size)
+            raise ValidationFailed(f"token id {bad} is outside the vocabulary (0 to {self.runner.vocab_size - 1})")
+        return Encoded(ids, unknown)
 
     async def _run(
         self,
@@ -199,9 +214,17 @@ class SessionManager:
     async def _load(self, session_id: str, owner: str) -> SessionRecord:
         record = await self._timed("get", self.store.get(session_id))
         # Another key's session looks exactly like a missing one: ids are not an oracle.
-        if record is None or not secrets.compare_digest(record.owner, owner):
+        if record is not None and secrets.compare_digest(record.owner, owner):
+            return record
+        lost = await self._timed("lost", self.store.lost(session_id)) if record is None else None
+        if lost is None or not secrets.compare_digest(lost.owner, owner):
             raise SessionNotFound(session_id)
-        return record
+        if lost.reason == "expired":
+            ttl = f"{self.settings.session_ttl_seconds:g} s idle (CELLGATE_SESSION_TTL_SECONDS)"
+            raise SessionNotFound(session_id, lost.reason, f"session {session_id!r} expired after {ttl}")
+        limit = f"{self.settings.max_sessions} sessions (CELLGATE_MAX_SESSIONS)"
+        message = f"session {session_id!r} was evicted: the store holds at most {limit} and it was the least recent"
+        raise SessionNotFound(session_id, lost.reason, message)
 
     def _ordered(self, session_id: str) -> _SessionTurn:
         """Serialise operations on one session in arrival order (asyncio.Lock is FIFO)."""
@@ -234,7 +257,9 @@ class SessionManager:
         }
 
     @staticmethod
-    def fingerprint(kind: str, if_step: int | None, payload: str, prefix: str | None = None) -> str:
+    def fingerprint(kind: str, if_step: int | None, payload: Text, prefix: str | None = None) -> str:
+        if not isinstance(payload, str):
+            kind, payload = f"{kind}-ids", ",".join(map(str, payload))
         if prefix is not None:  # the answer depends on it; text holds no NUL (the schemas refuse controls)
             payload = f"{payload}\0prefix\0{prefix}"
         digest = hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:32]
@@ -245,7 +270,7 @@ class SessionManager:
 
     # ----- operations -----------------------------------------------------------------------------
 
-    async def predict(self, text: str, k: int, prefix: str | None = None) -> Reply:
+    async def predict(self, text: Text, k: int, prefix: str | None = None) -> Reply:
         """Stateless: the text from a zero state (and the word being typed, when a prefix is given)."""
         encoded = self.encode(text)
         hidden, cell = self.runner.zero_state(1)
@@ -254,14 +279,24 @@ class SessionManager:
         suggestions = self.suggestions(output, k, prefix)
         return Reply.of({**suggestions, "tokens": len(encoded.ids), "unknown": encoded.unknown})
 
-    async def create(self, text: str, k: int, owner: str, prefix: str | None = None) -> Reply:
+    async def create(
+        self, text: Text, k: int, owner: str, prefix: str | None = None, session_id: str | None = None
+    ) -> Reply:
+        """A new session primed with text; with session_id (chosen by the caller, who must keep different
+        owners' ids apart), the session of that id starts over, whatever state it had."""
+        if session_id is None:
+            return await self._create(text, k, owner, prefix, new_session_id())
+        async with self._ordered(session_id):
+            return await self._create(text, k, owner, prefix, session_id)
+
+    async def _create(self, text: Text, k: int, owner: str, prefix: str | None, session_id: str) -> Reply:
         encoded = self.encode(text)
         hidden, cell = self.runner.zero_state(1)
         output = await self._run(encoded.ids, hidden[:, 0], cell[:, 0], k, prefix)
         now = time.time()
         zero = self._zero_state
         base = SessionRecord(
-            session_id=new_session_id(),
+            session_id=session_id,
             owner=owner,
             model_version=self.model_version,
             step=0,
@@ -304,7 +339,7 @@ class SessionManager:
     async def step(
         self,
         session_id: str,
-        text: str,
+        text: Text,
         k: int,
         if_step: int | None,
         owner: str,
@@ -440,42 +475,95 @@ class SessionManager:
             raise StepConflict(record.step, "the session kept changing under this request; retry")
 
     async def generate(
-        self,
-        session_id: str,
-        options: GenerateOptions,
-        owner: str,
-        on_word: Callable[[str, int], Awaitable[None]] | None = None,
+        self, session_id: str, options: GenerateOptions, owner: str, on_word: OnWord | None = None
     ) -> Reply:
         """Sample words from the session's state, advancing it through them (committed at the end)."""
-        rng = np.random.default_rng(options.seed)
-        banned = self._banned
-        blocked = self.completer.blocked if self.completer.blocked_count else None
+        done = await self.continue_text("", options, owner, session_id, on_word)
+        words = self.vocab.decode(done.sampled.ids)
+        return Reply.of({"session_id": session_id, "words": words, "text": detokenize(words), "step": done.step})
+
+    async def continue_text(
+        self,
+        prompt: Text,
+        options: GenerateOptions,
+        owner: str,
+        session_id: str | None = None,
+        on_word: OnWord | None = None,
+    ) -> Continuation:
+        """Sample words after prompt: from a zero state (session_id None: nothing is stored, as predict is to
+        step), or from a session's state, which advances through the prompt and the words, written once."""
+        encoded = self.encode(prompt)
+        previous = self.vocab.words[encoded.ids[-1]] if encoded.ids else None
+        if session_id is None:
+            hidden, cell = self.runner.zero_state(1)
+            output = await self._first(encoded.ids, hidden[:, 0], cell[:, 0], options)
+            sampled = await self._sample(output, options, previous, len(encoded.ids), on_word)
+            self._count_continuation(encoded, sampled, "prefill")
+            return Continuation(sampled, len(encoded.ids), encoded.unknown, None, len(encoded.ids) + len(sampled.ids))
         async with self._ordered(session_id):
             record = await self._load(session_id, owner)
             hidden, cell = self._state(record)
-            output = await self.scheduler.submit([], hidden, cell, 1, want_log_probs=True)
-            ids: list[int] = []
-            for _ in range(options.max_words):
-                assert output.log_probs is not None
-                if blocked is not None and blocked[int(np.argmax(output.log_probs))]:
-                    self.metrics.blocked_suggestions.labels("generation").inc()
-                word_id = sample(output.log_probs, rng, options.temperature, options.top_k, options.top_p, banned)
-                ids.append(word_id)
-                output = await self.scheduler.submit([word_id], output.hidden, output.cell, 1, want_log_probs=True)
-                if on_word is not None:
-                    await on_word(self.vocab.words[word_id], record.step + len(ids))
-            state = encode_state(output.hidden, output.cell)
-            step = record.step + len(ids)
-            words = self.vocab.decode(ids)
+            if previous is None and record.step:  # glue after the session's last word ("" when not kept)
+                previous = self.vocab.words[record.history_tokens[-1]] if record.history_tokens else ""
+            output = await self._first(encoded.ids, hidden, cell, options)
+            sampled = await self._sample(output, options, previous, record.step + len(encoded.ids), on_word)
+            consumed = (*encoded.ids, *sampled.ids)
+            step = record.step + len(consumed)
+            state = encode_state(sampled.last.hidden, sampled.last.cell)
             updated = record.evolve(
                 step=step,
                 state=state,
                 last_used_at=time.time(),
                 last_request="",
                 last_response=b"",
-                **self._history_after(record, step, state, ids),
+                **self._history_after(record, step, state, consumed),
             )
             if not await self._write(updated, record.revision):
                 raise StepConflict(record.step, "the session changed during generation; nothing was applied")
-            self.metrics.tokens.labels("generated").inc(len(ids))
-            return Reply.of({"session_id": session_id, "words": words, "text": detokenize(words), "step": step})
+            self._count_continuation(encoded, sampled, "step")
+            return Continuation(sampled, len(encoded.ids), encoded.unknown, session_id, step)
+
+    async def _first(
+        self, ids: Sequence[int], hidden: np.ndarray, cell: np.ndarray, options: GenerateOptions
+    ) -> StepOutput:
+        """The model's output after the prompt, with the full distribution sampling needs."""
+        k = self.completer.fetch_k(max(1, options.logprobs))
+        return await self.scheduler.submit(ids, hidden, cell, k, want_log_probs=True)
+
+    async def _sample(
+        self, output: StepOutput, options: GenerateOptions, previous: str | None, step: int, on_word: OnWord | None
+    ) -> Sampled:
+        """Up to options.max_words words after `output` (the model's output for the `step` tokens so far, the last
+        of which is `previous`; None at the start of a text): same seed and state, same words. Blocked words
+        are never sampled nor reported among the alternatives."""
+        rng = np.random.default_rng(options.seed)
+        blocked = self.completer.blocked if self.completer.blocked_count else None
+        k = self.completer.fetch_k(max(1, options.logprobs))
+        ids: list[int] = []
+        text = ""
+        for _ in range(options.max_words):
+            assert output.log_probs is not None
+            if blocked is not None and blocked[int(np.argmax(output.log_probs))]:
+                self.metrics.blocked_suggestions.labels("generation").inc()
+            word_id = sample(output.log_probs, rng, options.temperature, options.top_k, options.top_p, self._banned)
+            word = self.vocab.words[word_id]
+            top = self.completer.top(output.top_ids, output.top_log_probs, options.logprobs)  # blocked words left out
+            alternatives = tuple(
+                (continuation(previous, self.vocab.words[i]), float(lp))
+                for i, lp in zip(top.ids.tolist(), top.log_probs.tolist(), strict=True)
+            )
+            sampled = SampledWord(word, continuation(previous, word), float(output.log_probs[word_id]), alternatives)
+            ids.append(word_id)
+            output = await self.scheduler.submit([word_id], output.hidden, output.cell, k, want_log_probs=True)
+            text += sampled.text
+            previous = word
+            if on_word is not None:
+                await on_word(sampled, step + len(ids))
+            cut = first_stop(text, options.stop)
+            if cut is not None:
+                return Sampled(ids, text[:cut], "stop", output)
+        return Sampled(ids, text, "length", output)
+
+    def _count_continuation(self, prompt: Encoded, sampled: Sampled, kind: str) -> None:
+        self.metrics.tokens.labels(kind).inc(len(prompt.ids))
+        self.metrics.tokens.labels("generated").inc(len(sampled.ids))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,8 +28,15 @@ async def healthz() -> Status:
     summary="Readiness: model loaded and warmed up, session store answering",
 )
 async def readyz(request: Request) -> Response:
-    state = request.app.state
-    metrics = state.metrics
+    problem = await readiness(request.app.state)
+    if problem is not None:
+        rendered = render(problem, request.app.state.metrics, request.url.path)
+        return Response(rendered.body, rendered.status, rendered.headers, media_type="application/json")
+    return Response(b'{"status":"ready"}', media_type="application/json")
+
+
+async def readiness(state: Any) -> CellgateError | None:
+    """Why the service is not ready (loading, draining, batching stopped, store down), or None; sets cellgate_ready."""
     try:
         if not getattr(state, "ready", False):
             raise NotReady("the model is still loading")
@@ -38,11 +46,10 @@ async def readyz(request: Request) -> Response:
             raise NotReady("the batching task has stopped")
         await state.manager.store.ping()
     except CellgateError as exc:
-        metrics.ready.set(0)
-        rendered = render(exc, metrics, request.url.path)
-        return Response(rendered.body, rendered.status, rendered.headers, media_type="application/json")
-    metrics.ready.set(1)
-    return Response(b'{"status":"ready"}', media_type="application/json")
+        state.metrics.ready.set(0)
+        return exc
+    state.metrics.ready.set(1)
+    return None
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

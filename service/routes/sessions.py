@@ -15,6 +15,7 @@ from service.deps import caller, json_reply
 from service.errors import ValidationFailed, render
 from service.metrics import Metrics
 from service.routes.predict import ERRORS
+from service.sampling import GenerateOptions, SampledWord
 from service.schemas import (
     CreateSessionRequest,
     ErrorResponse,
@@ -25,7 +26,6 @@ from service.schemas import (
     SessionResponse,
     StepRequest,
 )
-from service.sessions import GenerateOptions
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
@@ -134,8 +134,9 @@ async def _event_stream(
 ) -> AsyncIterator[bytes]:
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
 
-    async def on_word(word: str, step: int) -> None:
-        await queue.put(format_sse_event(data_str=json.dumps({"word": word, "step": step}), event="word"))
+    async def on_word(word: SampledWord, step: int) -> None:
+        data = json.dumps({"word": word.word, "step": step})
+        await queue.put(format_sse_event(data_str=data, event="word"))
 
     async def run() -> None:
         try:

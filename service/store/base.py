@@ -36,6 +36,14 @@ class SessionRecord:
         return replace(self, revision=self.revision + 1, **changes)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """Why a session that ended without being deleted is gone."""
+
+    reason: str  # "expired" (idle past the TTL) or "evicted_capacity" (least recently used in a full store)
+    owner: str  # the fingerprint of the key that owned it: only its owner may learn how it went
+
+
 @dataclass
 class StoreEvents:
     """Callbacks a store uses to report session ends (wired to metrics by the app)."""
@@ -54,7 +62,8 @@ class SessionStore(ABC):
 
     @abstractmethod
     async def create(self, record: SessionRecord) -> None:
-        """Store a new record (its id is fresh from `secrets`, so it cannot collide)."""
+        """Store a new record, replacing any record with the same id (ids are fresh from `secrets`, or
+        chosen by a caller that means to restart that session)."""
 
     @abstractmethod
     async def replace(self, record: SessionRecord, expected_revision: int) -> bool:
@@ -71,6 +80,11 @@ class SessionStore(ABC):
     @abstractmethod
     async def count(self) -> int:
         """Sessions currently held (approximate for shared stores)."""
+
+    async def lost(self, session_id: str) -> Lost | None:
+        """How a session that get() no longer finds went, if it expired or was evicted within the last
+        ttl_seconds; None if it never existed, was deleted, or went longer ago (or the store cannot tell)."""
+        return None
 
     async def start(self) -> None:
         """Open connections / start background work (nothing by default)."""

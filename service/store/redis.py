@@ -4,6 +4,9 @@ Layout: key `cellgate:session:<id>`, a hash whose fields come from service.store
 (see REPLACE_SCRIPT). Every write sets the TTL in the same atomic unit (MULTI for create, one Lua script for
 replace), so no record ever lives without an expiry. Expiry itself is Redis's: a session idle for
 ttl_seconds disappears, and this process never sees it go (so no ended("expired") event is reported).
+Beside each record, `cellgate:lost:<id>` holds the owner's fingerprint and outlives the record by one
+more TTL (written in the same atomic units): when the record is gone but that key is not, the session
+expired, and `lost()` says so. Deleting a session removes both.
 
 Failure policy: every operation runs under one deadline, connect timeout + socket timeout, and any
 Redis error or timeout becomes StoreUnavailable (503 store_unavailable), so a dead or paused Redis makes
@@ -28,15 +31,17 @@ from redis.typing import EncodableT
 
 from service.config import Settings
 from service.errors import ModelMismatch, StoreUnavailable
-from service.store.base import SessionRecord, SessionStore, StoreEvents
+from service.store.base import Lost, SessionRecord, SessionStore, StoreEvents
 from service.store.codec import RecordFormatError, record_from_fields, record_to_fields
 
 log = logging.getLogger("cellgate.store")
 
 KEY_PREFIX = "cellgate:session:"
+LOST_PREFIX = "cellgate:lost:"  # outside KEY_PREFIX, so count()'s SCAN does not see these keys
 SCAN_BATCH = 1000  # keys per SCAN round trip in count()
 
-# KEYS[1] = session key; ARGV = expected revision, new revision, write id, ttl ms, then field/value pairs.
+# KEYS = session key, its lost key; ARGV = expected revision, new revision, write id, ttl ms, lost key ttl ms,
+# owner, then field/value pairs.
 # Idempotent: if the connection broke after Redis ran it, the retry finds the same write id at the new
 # revision and reports success instead of a conflict (which would make the caller apply the step twice).
 REPLACE_SCRIPT = """
@@ -47,8 +52,9 @@ end
 if current ~= ARGV[1] then
     return 0
 end
-redis.call('HSET', KEYS[1], 'write_id', ARGV[3], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'write_id', ARGV[3], unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[5])
 return 1
 """
 
@@ -60,6 +66,7 @@ class RedisStore(SessionStore):
         self.ttl_seconds = settings.session_ttl_seconds
         self.events = events or StoreEvents()
         self._ttl_ms = max(1, math.ceil(settings.session_ttl_seconds * 1000))
+        self._lost_ttl_ms = 2 * self._ttl_ms  # the record's TTL, then one more
         # The whole budget of one operation: waiting for a pooled connection, connecting, and the reply.
         self.deadline_seconds = settings.redis_connect_timeout_seconds + settings.redis_socket_timeout_seconds
         pool = BlockingConnectionPool.from_url(
@@ -77,6 +84,11 @@ class RedisStore(SessionStore):
     def key(session_id: str) -> str:
         """The Redis key of a session."""
         return KEY_PREFIX + session_id
+
+    @staticmethod
+    def lost_key(session_id: str) -> str:
+        """The key that outlives a session's record, to tell an expired session from one never created."""
+        return LOST_PREFIX + session_id
 
     async def _call(self, operation: str, call: Any) -> Any:
         """Await a Redis call under the deadline; every failure becomes StoreUnavailable."""
@@ -109,19 +121,32 @@ class RedisStore(SessionStore):
         fields: dict[EncodableT, EncodableT] = {name: value for name, value in record_to_fields(record).items()}
         pipe.hset(key, mapping=fields)
         pipe.pexpire(key, self._ttl_ms)
+        pipe.set(self.lost_key(record.session_id), record.owner, px=self._lost_ttl_ms)
         await self._call("create", pipe.execute())
 
     async def replace(self, record: SessionRecord, expected_revision: int) -> bool:
         args: list[bytes | str | int] = [str(expected_revision), str(record.revision), secrets.token_hex(8)]
-        args.append(self._ttl_ms)
+        args += [self._ttl_ms, self._lost_ttl_ms, record.owner]
         for name, value in record_to_fields(record).items():
             args += [name, value]
-        written: int = await self._call("replace", self._replace(keys=[self.key(record.session_id)], args=args))
+        keys = [self.key(record.session_id), self.lost_key(record.session_id)]
+        written: int = await self._call("replace", self._replace(keys=keys, args=args))
         return written == 1
 
     async def delete(self, session_id: str) -> bool:
-        removed: int = await self._call("delete", self._redis.delete(self.key(session_id)))
-        return removed > 0
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(self.key(session_id))
+        pipe.delete(self.lost_key(session_id))
+        removed: list[int] = await self._call("delete", pipe.execute())
+        return removed[0] > 0
+
+    async def lost(self, session_id: str) -> Lost | None:
+        # Redis cannot say why a key went: with an LRU maxmemory policy an evicted record reads as expired too.
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.exists(self.key(session_id))
+        pipe.get(self.lost_key(session_id))
+        alive, owner = await self._call("lost", pipe.execute())
+        return Lost("expired", owner.decode()) if owner is not None and not alive else None
 
     async def ping(self) -> None:
         await self._call("ping", self._redis.ping())

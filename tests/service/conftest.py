@@ -34,3 +34,13 @@ def server(request: pytest.FixtureRequest, tiny_bundle: Path) -> Iterator[Server
     env = {"CELLGATE_ACCESS_LOG": "false", "CELLGATE_WORKERS": str(request.param)}
     with running_server(tiny_bundle, env) as proc:
         yield proc
+
+
+API_KEYS = ("key-one", "key-two")
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tiny_bundle: Path) -> Iterator[ServerProcess]:
+    """A server that demands one of API_KEYS (for the protocols' auth tests)."""
+    with running_server(tiny_bundle, {"CELLGATE_API_KEYS": ",".join(API_KEYS)}) as proc:
+        yield proc

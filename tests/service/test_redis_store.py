@@ -148,6 +148,42 @@ def test_idle_sessions_expire(make_store: StoreFactory) -> None:
     run(make_store, scenario, ttl=0.3)
 
 
+def test_lost_tells_an_expired_session_from_one_never_created_or_deleted(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        idle, deleted = record(), record()
+        await store.create(idle)
+        await store.create(deleted)
+        assert await store.lost(idle.session_id) is None  # still there
+        assert await store.delete(deleted.session_id)
+        await wait_until_gone(store, idle.session_id)
+        lost = await store.lost(idle.session_id)
+        assert lost is not None
+        assert (lost.reason, lost.owner) == ("expired", idle.owner)
+        assert await store.lost(deleted.session_id) is None
+        assert await store.lost(secrets.token_urlsafe(24)) is None
+        await store.create(idle)  # the same id again: alive, so not lost
+        assert await store.lost(idle.session_id) is None
+
+    run(make_store, scenario, ttl=0.3)
+
+
+def test_memory_store_remembers_evictions_for_one_ttl() -> None:
+    now = [0.0]
+    store = MemoryStore(ttl_seconds=60, max_sessions=1, clock=lambda: now[0])
+
+    async def scenario() -> None:
+        first = record(last_used_at=0.0)
+        await store.create(first)
+        await store.create(record(last_used_at=0.0))  # over capacity: the first goes
+        lost = await store.lost(first.session_id)
+        assert lost is not None
+        assert lost.reason == "evicted_capacity"
+        now[0] = 61.0
+        assert await store.lost(first.session_id) is None  # forgotten after one more TTL
+
+    asyncio.run(scenario())
+
+
 # ----- Redis specifics --------------------------------------------------------------------------------
 
 
@@ -161,9 +197,13 @@ def test_every_redis_write_carries_the_ttl(redis_server: RedisServer) -> None:
             await store.create(first)
             key = RedisStore.key(first.session_id)
             assert 0 < client.pttl(key) <= 120_000
-            client.pexpire(key, 5_000)  # shorten it, then check the CAS write restores the full TTL
+            lost_key = RedisStore.lost_key(first.session_id)
+            assert 120_000 < client.pttl(lost_key) <= 240_000  # outlives the record by one more TTL
+            client.pexpire(key, 5_000)  # shorten them, then check the CAS write restores the full TTLs
+            client.pexpire(lost_key, 5_000)
             assert await store.replace(first.evolve(step=8), first.revision)
             assert 5_000 < client.pttl(key) <= 120_000
+            assert 120_000 < client.pttl(lost_key) <= 240_000
             assert not await store.replace(first.evolve(step=9), first.revision)
         finally:
             await store.close()
@@ -175,16 +215,17 @@ def test_replace_script_is_idempotent_for_one_write(redis_server: RedisServer) -
     """A retried replace (connection broke after Redis ran it) succeeds again instead of conflicting."""
     client = redis_server.client()
     base = record()
-    key = RedisStore.key(base.session_id)
-    client.hset(key, mapping=record_to_fields(base))  # type: ignore[arg-type]
+    keys = RedisStore.key(base.session_id), RedisStore.lost_key(base.session_id)
+    client.hset(keys[0], mapping=record_to_fields(base))  # type: ignore[arg-type]
     new = base.evolve(step=8)
     fields = [item for pair in record_to_fields(new).items() for item in pair]
-    args = [str(base.revision), str(new.revision), "write-1", 60_000, *fields]
-    assert client.eval(REPLACE_SCRIPT, 1, key, *args) == 1
-    assert client.eval(REPLACE_SCRIPT, 1, key, *args) == 1  # the same write, retried
-    other = [str(base.revision), str(new.revision), "write-2", 60_000, *fields]
-    assert client.eval(REPLACE_SCRIPT, 1, key, *other) == 0  # a different write on the stale revision
-    assert int(client.hget(key, "revision") or 0) == new.revision
+    args = [str(base.revision), str(new.revision), "write-1", 60_000, 120_000, base.owner, *fields]
+    assert client.eval(REPLACE_SCRIPT, 2, *keys, *args) == 1
+    assert client.eval(REPLACE_SCRIPT, 2, *keys, *args) == 1  # the same write, retried
+    other = [str(base.revision), str(new.revision), "write-2", 60_000, 120_000, base.owner, *fields]
+    assert client.eval(REPLACE_SCRIPT, 2, *keys, *other) == 0  # a different write on the stale revision
+    assert int(client.hget(keys[0], "revision") or 0) == new.revision
+    assert client.get(keys[1]) == base.owner.encode()
 
 
 def test_a_record_that_does_not_decode_is_model_mismatch(redis_server: RedisServer) -> None:
