@@ -547,11 +547,13 @@ class SessionManager:
                 self.metrics.blocked_suggestions.labels("generation").inc()
             word_id = sample(output.log_probs, rng, options.temperature, options.top_k, options.top_p, self._banned)
             word = self.vocab.words[word_id]
-            top = self.completer.top(output.top_ids, output.top_log_probs, options.logprobs)  # blocked words left out
-            alternatives = tuple(
-                (continuation(previous, self.vocab.words[i]), float(lp))
-                for i, lp in zip(top.ids.tolist(), top.log_probs.tolist(), strict=True)
-            )
+            alternatives: tuple[tuple[str, float], ...] = ()
+            if options.logprobs:
+                top = self.completer.top(output.top_ids, output.top_log_probs, options.logprobs)  # blocked words out
+                alternatives = tuple(
+                    (continuation(previous, self.vocab.words[i]), float(lp))
+                    for i, lp in zip(top.ids.tolist(), top.log_probs.tolist(), strict=True)
+                )
             sampled = SampledWord(word, continuation(previous, word), float(output.log_probs[word_id]), alternatives)
             ids.append(word_id)
             output = await self.scheduler.submit([word_id], output.hidden, output.cell, k, want_log_probs=True)

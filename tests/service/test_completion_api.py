@@ -260,3 +260,23 @@ def test_blocked_words_are_never_streamed_or_generated(blocked: Any) -> None:
     events = [json.loads(line[5:]) for line in streamed.text.splitlines() if line.startswith("data:")]
     assert len(events) == 21  # 20 words, then done
     assert not {e.get("word") for e in events} & words
+
+
+def test_blocked_words_stay_out_of_the_other_protocols(blocked: Any) -> None:
+    """OpenAI-style completions neither sample nor list (logprobs) a blocked word; v2's TOP_WORDS leave them out."""
+    proc, words = blocked
+    for seed in range(3):
+        body = {"model": "bundle", "prompt": INDIA, "max_tokens": 10, "logprobs": 5, "seed": seed}
+        if seed == 0:
+            body["temperature"] = 0.0
+        choice = ok(post(proc, "/v1/completions", body))["choices"][0]
+        shown = {t.strip() for t in choice["logprobs"]["tokens"]}
+        shown |= {t.strip() for top in choice["logprobs"]["top_logprobs"] for t in top}
+        assert len(choice["logprobs"]["tokens"]) == 10
+        assert all(len(top) == 5 for top in choice["logprobs"]["top_logprobs"])
+        assert not shown & words
+    tensors = [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": [INDIA]}]
+    top = ok(post(proc, "/v2/models/bundle/infer", {"inputs": tensors}))["outputs"][1]
+    assert top["name"] == "TOP_WORDS"
+    assert len(top["data"]) == 5
+    assert not set(top["data"]) & words
