@@ -17,7 +17,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY cellgate/ cellgate/
-COPY model/ model/
+COPY vocab/ vocab/
 COPY export/ export/
 COPY service/ service/
 # This repository by path (DL3013 is about registry packages); the dependency ranges are in pyproject.toml.
@@ -32,6 +32,7 @@ WORKDIR /src
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 COPY pyproject.toml README.md ./
 COPY cellgate/ cellgate/
+COPY vocab/ vocab/
 COPY model/ model/
 COPY export/ export/
 COPY service/ service/
@@ -54,7 +55,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY cellgate/ cellgate/
-COPY model/ model/
+COPY vocab/ vocab/
 COPY export/ export/
 COPY service/ service/
 # onnxruntime and onnxruntime-gpu install the same `onnxruntime` module: swap the CPU build for the GPU one.

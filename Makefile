@@ -66,7 +66,7 @@ run: $(VENV)/.run-installed $(DEMO_BUNDLE)/manifest.json
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy cellgate model export service bench
+	$(BIN)/mypy cellgate vocab model export service bench
 
 format: $(VENV)/.dev-installed
 	$(BIN)/ruff check --fix .

@@ -39,16 +39,17 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from bench.models import DEMO_BUNDLE, DEMO_RUN, REALISTIC_RUN
 from export.build import export_checkpoint
-from export.onnx import EXPLAIN_GRAPH, STEP_GRAPH, Weights, build_step_graph
+from export.bundle import CELL, EXPLAIN_GRAPH, HIDDEN, MANIFEST, STEP_GRAPH, explain_feed, step_feed
+from export.onnx import Weights, build_step_graph
 from export.quantize import agreement, batch_effect, held_out_tokens, quantize_step_model
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model.config import LSTMConfig
 from model.corpus import LONGRANGE, longrange_text
 from model.lm import LSTMLanguageModel, LSTMState
 from model.recipe import recipe
-from model.vocab import Vocabulary, tokenize
+from service.runner import STEP_FETCH
+from vocab import Vocabulary, tokenize
 
-SERVICE_OUTPUTS = ["top_log_probs", "top_ids", "h_out", "c_out"]  # what service/runner.py fetches per step
 BATCHES = (1, 8, 32, 128)
 PREFILL_TOKENS = 1000
 PREFILL_TARGET_S = 0.025
@@ -98,23 +99,15 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def step_feed(cfg: LSTMConfig, tokens: np.ndarray, with_lengths: bool = True) -> dict[str, np.ndarray]:
-    batch = tokens.shape[0]
-    zero = np.zeros((cfg.num_layers, batch, cfg.hidden_size), np.float32)
-    feed: dict[str, np.ndarray] = {
-        "tokens": tokens.astype(np.int64),
-        "h": zero,
-        "c": zero,
-        "k": np.array([5], np.int64),
-    }
-    if with_lengths:
-        feed["lengths"] = np.full(batch, tokens.shape[1], np.int32)
-    return feed
+def zero_feed(cfg: LSTMConfig, tokens: np.ndarray, with_lengths: bool = True) -> dict[str, np.ndarray]:
+    """A graph's inputs for tokens from a zero state: the step graph's, or without lengths the explain graph's."""
+    zero = np.zeros((cfg.num_layers, tokens.shape[0], cfg.hidden_size), np.float32)
+    return step_feed(tokens, zero, zero) if with_lengths else explain_feed(tokens, zero, zero, k=5)
 
 
 def runner(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> Callable[[], object]:
-    """One service-shaped call of sess on feed."""
-    return lambda: sess.run(SERVICE_OUTPUTS, feed)
+    """One service-shaped call of sess on feed: what service/runner.py fetches per step."""
+    return lambda: sess.run(list(STEP_FETCH), feed)
 
 
 def random_checkpoint(vocab: Vocabulary, config: LSTMConfig) -> Checkpoint:
@@ -135,7 +128,7 @@ def prepare(work: Path) -> dict[str, tuple[str, Path, Path]]:
     """name -> (description, checkpoint dir, fp32 bundle dir) for each benchmark model."""
     models: dict[str, tuple[str, Path, Path]] = {}
     longrange = Vocabulary.build(tokenize(longrange_text(seed=0)))
-    if (DEMO_RUN / "best.pt").exists() and (DEMO_BUNDLE / "manifest.json").exists():
+    if (DEMO_RUN / "best.pt").exists() and (DEMO_BUNDLE / MANIFEST).exists():
         models["demo"] = ("the demo model (runs/demo, bundles/demo)", DEMO_RUN, DEMO_BUNDLE)
     else:
         # No trained demo: its shape with random weights, from the recipe `make demo` trains with.
@@ -170,7 +163,7 @@ def measure_model(name: str, description: str, run: Path, bundle: Path, work: Pa
     cfg = ckpt.config
     model = ckpt.build_model()
     fp32_path, explain_path = bundle / STEP_GRAPH, bundle / EXPLAIN_GRAPH
-    if json.loads((bundle / "manifest.json").read_text())["quantized"]:
+    if json.loads((bundle / MANIFEST).read_text())["quantized"]:
         raise ValueError(f"{bundle} is quantized: the benchmark needs the fp32 export")
     graphs = {"fp32": fp32_path, **quantized_graphs(fp32_path, work, name)}
     sessions = {variant: session(path) for variant, path in graphs.items()}
@@ -179,9 +172,9 @@ def measure_model(name: str, description: str, run: Path, bundle: Path, work: Pa
 
     # Single step, ORT vs PyTorch eager, the same work: next-word log-probs, top-5 and the new state.
     one = np.array([[5]], dtype=np.int64)
-    feed1 = step_feed(cfg, one)
+    feed1 = zero_feed(cfg, one)
     tokens_t = torch.from_numpy(one)
-    state_t = LSTMState(torch.from_numpy(feed1["h"]), torch.from_numpy(feed1["c"]))
+    state_t = LSTMState(torch.from_numpy(feed1[HIDDEN]), torch.from_numpy(feed1[CELL]))
 
     def torch_step() -> object:
         with torch.inference_mode():
@@ -191,7 +184,7 @@ def measure_model(name: str, description: str, run: Path, bundle: Path, work: Pa
     single = interleaved(
         {
             "torch_eager": torch_step,
-            "explain_scan": runner(explain, step_feed(cfg, one, with_lengths=False)),
+            "explain_scan": runner(explain, zero_feed(cfg, one, with_lengths=False)),
             **{variant: runner(sess, feed1) for variant, sess in sessions.items()},
         },
         repeats=reps,
@@ -203,7 +196,7 @@ def measure_model(name: str, description: str, run: Path, bundle: Path, work: Pa
 
     per_batch: dict[str, Any] = {}
     for batch in BATCHES:
-        feed = step_feed(cfg, np.full((batch, 1), 5, dtype=np.int64))
+        feed = zero_feed(cfg, np.full((batch, 1), 5, dtype=np.int64))
         timed = interleaved({v: runner(sess, feed) for v, sess in sessions.items()}, repeats=max(20, reps // 4))
         per_batch[str(batch)] = {
             v: {"call_s": t["median_s"], "per_sequence_s": t["median_s"] / batch} for v, t in timed.items()
@@ -211,10 +204,10 @@ def measure_model(name: str, description: str, run: Path, bundle: Path, work: Pa
     result["per_batch"] = per_batch
 
     context = np.random.default_rng(0).integers(3, cfg.vocab_size, (1, PREFILL_TOKENS)).astype(np.int64)
-    prefill_feed = step_feed(cfg, context)
+    prefill_feed = zero_feed(cfg, context)
     prefill = interleaved(
         {
-            "explain_scan": runner(explain, step_feed(cfg, context, with_lengths=False)),
+            "explain_scan": runner(explain, zero_feed(cfg, context, with_lengths=False)),
             **{variant: runner(sess, prefill_feed) for variant, sess in sessions.items()},
         },
         repeats=max(6, reps // 25),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from export.bundle import MANIFEST
+
 WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 DEMO_RUN = Path("runs/demo")
 DEMO_BUNDLE = Path("bundles/demo")
@@ -13,7 +15,7 @@ REALISTIC_BUNDLE = Path("bundles/realistic")
 
 def ensure_realistic(run: Path = REALISTIC_RUN, bundle: Path = REALISTIC_BUNDLE, corpus: Path = WIKITEXT) -> Path:
     """Train briefly (its quality does not matter, its size does) and export, unless already there."""
-    if (bundle / "manifest.json").exists():
+    if (bundle / MANIFEST).exists():
         return bundle
     from export.build import export_checkpoint
     from model.recipe import recipe
@@ -40,6 +42,6 @@ def ensure_realistic(run: Path = REALISTIC_RUN, bundle: Path = REALISTIC_BUNDLE,
 
 
 def ensure_demo() -> Path:
-    if not (DEMO_BUNDLE / "manifest.json").exists():
+    if not (DEMO_BUNDLE / MANIFEST).exists():
         raise FileNotFoundError("bundles/demo is missing: run `make demo` first")
     return DEMO_BUNDLE

@@ -29,6 +29,7 @@ import httpx
 from bench import profile, wrk
 from bench.models import DEMO_RUN, REALISTIC_RUN, ensure_demo, ensure_realistic
 from bench.procs import ServerProcess, cpu_seconds, rss_bytes, start_process
+from export.bundle import MANIFEST
 from service.config import Settings
 
 STEP_BODY = '{"text": "the", "k": 5}'
@@ -138,7 +139,7 @@ def bench_model(
     profile_dir: Path | None = None,
 ) -> dict[str, Any]:
     report: dict[str, Any] = {"model": name, "bundle": str(bundle), "sessions": sessions}
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((bundle / MANIFEST).read_text())
     report["config"] = {k: manifest["config"][k] for k in ("vocab_size", "hidden_size", "num_layers")}
 
     server = _cellgate(bundle)

@@ -12,12 +12,20 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.bundle import BLOCKLIST_FILE, MANIFEST, load_bundle, read_blocklist, write_manifest
-from export.onnx import EXPLAIN_GRAPH, OPSET, STEP_GRAPH, Weights, build_explain_graph, build_step_graph
+from export.bundle import (
+    BLOCKLIST_FILE,
+    EXPLAIN_GRAPH,
+    MANIFEST,
+    STEP_GRAPH,
+    VOCAB_FILE,
+    load_bundle,
+    read_blocklist,
+    write_manifest,
+)
+from export.onnx import OPSET, Weights, build_explain_graph, build_step_graph
 from export.parity import ParityReport, check_parity
 from model.checkpoint import load_checkpoint
 
-VOCAB_FILE = "vocab.json"
 EXPORTER_VERSION = "cellgate-export/1"
 
 

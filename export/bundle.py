@@ -1,7 +1,24 @@
 """The model bundle: a directory of graphs + vocab.json + manifest.json, verified on load.
 
-This module is the one place that knows the bundle format. It imports neither torch nor onnx, so
-the service uses it to load a bundle.
+This module is the one place that knows the bundle format: its file names, the graphs' input and
+output names (`step_feed`/`explain_feed` build their inputs, `run_graph` reads outputs by name), the
+manifest and the blocklist. It imports neither torch nor onnx, so the service uses it to load and run
+a bundle; export/onnx.py writes graphs with these names, and the runner, parity, quantize and the
+benchmarks all feed and read them through here.
+
+The graphs (written by export/onnx.py):
+    step (lm.onnx), what the service runs:
+        inputs   tokens  int64   [batch, time]      word ids, right-padded with <pad>
+                 lengths int32   [batch]            real length of each row (0..time; 0 keeps the state)
+                 h, c    float32 [layers, batch, hidden]
+                 k       int64   [1]                how many top words to return
+        outputs  log_probs      float32 [batch, vocab]   next-word log-probabilities after the last real token
+                 top_log_probs  float32 [batch, k]       the k best, excluding <pad> and <unk>
+                 top_ids        int64   [batch, k]
+                 h_out, c_out   float32 [layers, batch, hidden]
+    explain (explain.onnx): inputs tokens, h, c, k (no lengths: one unpadded sequence per row); the step
+        graph's outputs plus forget_gate, input_gate, candidate, output_gate, cell, hidden, each
+        float32 [time, layers, batch, hidden].
 
 manifest.json (format_version 1):
     format_version   int
@@ -10,7 +27,7 @@ manifest.json (format_version 1):
     created_at       ISO-8601 UTC
     config           LSTMConfig as a dict (vocab_size, hidden_size, num_layers, ...)
     graphs           {"step": file, "explain": file}
-    vocab            file name of the vocabulary (model/vocab.py format)
+    vocab            file name of the vocabulary (the vocab package's format)
     blocklist        optional: file name of the words never suggested (service/completion.py format)
     quantized        null or "int8"
     training         metrics recorded in the checkpoint
@@ -29,14 +46,64 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from vocab import Vocabulary
 
 FORMAT_VERSION = 1
+# The files of a bundle.
 MANIFEST = "manifest.json"
+STEP_GRAPH = "lm.onnx"
+EXPLAIN_GRAPH = "explain.onnx"
+VOCAB_FILE = "vocab.json"
 BLOCKLIST_FILE = "blocklist.txt"
+
+# The graphs' inputs and outputs (shapes and dtypes in this module's docstring).
+TOKENS, LENGTHS, HIDDEN, CELL, K = "tokens", "lengths", "h", "c", "k"
+LOG_PROBS, TOP_LOG_PROBS, TOP_IDS, HIDDEN_OUT, CELL_OUT = "log_probs", "top_log_probs", "top_ids", "h_out", "c_out"
+GATE_OUTPUTS = ("forget_gate", "input_gate", "candidate", "output_gate", "cell", "hidden")
+STEP_INPUTS = (TOKENS, LENGTHS, HIDDEN, CELL, K)
+EXPLAIN_INPUTS = (TOKENS, HIDDEN, CELL, K)
+STEP_OUTPUTS = (LOG_PROBS, TOP_LOG_PROBS, TOP_IDS, HIDDEN_OUT, CELL_OUT)
+EXPLAIN_OUTPUTS = (*STEP_OUTPUTS, *GATE_OUTPUTS)
+
+
+class GraphSession(Protocol):
+    """What `run_graph` needs of an onnxruntime.InferenceSession."""
+
+    def run(self, output_names: list[str], input_feed: dict[str, Any]) -> list[Any]: ...
+
+
+def explain_feed(tokens: ArrayLike, hidden: ArrayLike, cell: ArrayLike, k: int = 1) -> dict[str, np.ndarray]:
+    """The explain graph's inputs in their exact dtypes: tokens (B, T), h and c (L, B, H)."""
+    return {
+        TOKENS: np.asarray(tokens, dtype=np.int64),
+        HIDDEN: np.asarray(hidden, dtype=np.float32),
+        CELL: np.asarray(cell, dtype=np.float32),
+        K: np.array([k], dtype=np.int64),
+    }
+
+
+def step_feed(
+    tokens: ArrayLike, hidden: ArrayLike, cell: ArrayLike, k: int = 5, lengths: ArrayLike | None = None
+) -> dict[str, np.ndarray]:
+    """The step graph's inputs in their exact dtypes; `lengths` (B,) defaults to every row's full width."""
+    feed = explain_feed(tokens, hidden, cell, k)
+    batch, width = feed[TOKENS].shape
+    feed[LENGTHS] = np.full(batch, width, dtype=np.int32) if lengths is None else np.asarray(lengths, dtype=np.int32)
+    return feed
+
+
+def run_graph(session: GraphSession, feed: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """One call of a graph: the asked-for outputs, by name."""
+    return dict(zip(outputs, session.run(list(outputs), feed), strict=True))
 
 
 class BundleError(ValueError):
@@ -94,6 +161,10 @@ class Bundle:
     @property
     def vocab_path(self) -> Path:
         return self.path / str(self.manifest["vocab"])
+
+    def vocabulary(self) -> Vocabulary:
+        """The bundle's vocabulary, read with the tokenizer rules it was built with."""
+        return Vocabulary.load(self.vocab_path)
 
     @property
     def blocklist_path(self) -> Path | None:

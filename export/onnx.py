@@ -5,22 +5,15 @@ LSTM to the example's length and the TorchScript exporter stored a tied embeddin
 Writing the graph ourselves keeps batch and time dynamic, stores every weight once, and names each
 input and output after what it means.
 
-Step graph (`lm.onnx`), what the service runs:
-    inputs   tokens  int64   [batch, time]      word ids, right-padded with <pad>
-             lengths int32   [batch]            real length of each row (0..time; 0 keeps the state)
-             h, c    float32 [layers, batch, hidden]
-             k       int64   [1]                how many top words to return
-    outputs  log_probs      float32 [batch, vocab]   next-word log-probabilities after the last real token
-             top_log_probs  float32 [batch, k]       the k best, excluding <pad> and <unk>
-             top_ids        int64   [batch, k]
-             h_out, c_out   float32 [layers, batch, hidden]
-Each layer is one ONNX `LSTM` operator with `sequence_lens`, so padded positions never touch the
-state: a batch of different lengths gives each row exactly what it would get alone.
+The graphs' file, input and output names are export/bundle.py's (its docstring has their shapes and
+dtypes); this module writes graphs with exactly those names.
+
+Step graph (`lm.onnx`), what the service runs: each layer is one ONNX `LSTM` operator with
+`sequence_lens` (the `lengths` input), so padded positions never touch the state: a batch of
+different lengths gives each row exactly what it would get alone.
 
 Explain graph (`explain.onnx`): the explicit cell (MatMul, Sigmoid, Tanh) inside a `Scan` over
-time, returning every gate per token and layer. Inputs tokens [batch, time], h, c; outputs
-log_probs, h_out, c_out and forget_gate, input_gate, candidate, output_gate, cell, hidden, each
-[time, layers, batch, hidden].
+time, returning every gate per token and layer.
 """
 
 from __future__ import annotations
@@ -31,13 +24,23 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from export.bundle import (
+    CELL,
+    CELL_OUT,
+    GATE_OUTPUTS,
+    HIDDEN,
+    HIDDEN_OUT,
+    LENGTHS,
+    LOG_PROBS,
+    TOKENS,
+    TOP_IDS,
+    TOP_LOG_PROBS,
+    K,
+)
 from model.cell import GATE_ORDER
 from model.checkpoint import Checkpoint
 
 OPSET = 17
-STEP_GRAPH = "lm.onnx"
-EXPLAIN_GRAPH = "explain.onnx"
-GATE_OUTPUTS = ("forget_gate", "input_gate", "candidate", "output_gate", "cell", "hidden")
 # Masked words get this log-probability before TopK so they are never suggested.
 _MASKED = -1e30
 
@@ -108,9 +111,9 @@ def _head_nodes(top_hidden: str, w: Weights) -> list[onnx.NodeProto]:
         helper.make_node(
             "Gemm", [top_hidden, "embedding" if w.tied else "decoder_weight", "decoder_bias"], ["logits"], transB=1
         ),
-        helper.make_node("LogSoftmax", ["logits"], ["log_probs"], axis=-1),
-        helper.make_node("Add", ["log_probs", "suggestion_mask"], ["suggestable"]),
-        helper.make_node("TopK", ["suggestable", "k"], ["top_log_probs", "top_ids"], axis=-1, largest=1, sorted=1),
+        helper.make_node("LogSoftmax", ["logits"], [LOG_PROBS], axis=-1),
+        helper.make_node("Add", [LOG_PROBS, "suggestion_mask"], ["suggestable"]),
+        helper.make_node("TopK", ["suggestable", K], [TOP_LOG_PROBS, TOP_IDS], axis=-1, largest=1, sorted=1),
     ]
 
 
@@ -129,7 +132,7 @@ def build_step_graph(w: Weights, excluded_ids: list[int]) -> onnx.ModelProto:
     layers = len(w.layer_weight)
     hidden = w.layer_bias[0].shape[0] // 4
     nodes: list[onnx.NodeProto] = [
-        helper.make_node("Gather", ["embedding", "tokens"], ["embedded"]),  # (B, T, E)
+        helper.make_node("Gather", ["embedding", TOKENS], ["embedded"]),  # (B, T, E)
         helper.make_node("Transpose", ["embedded"], ["x_0"], perm=[1, 0, 2]),  # (T, B, E)
     ]
     inits = _decoder_initializers(w, suggestion_mask(w.embedding.shape[0], excluded_ids))
@@ -137,7 +140,7 @@ def build_step_graph(w: Weights, excluded_ids: list[int]) -> onnx.ModelProto:
     inits.append(numpy_helper.from_array(np.array([0, 2], dtype=np.int64), "axes02"))
     inits.append(numpy_helper.from_array(np.array(0, dtype=np.int32), "zero_i32"))
     nodes += [
-        helper.make_node("Greater", ["lengths", "zero_i32"], ["nonempty"]),  # (B,)
+        helper.make_node("Greater", [LENGTHS, "zero_i32"], ["nonempty"]),  # (B,)
         helper.make_node("Unsqueeze", ["nonempty", "axes02"], ["has_tokens"]),  # (1, B, 1)
     ]
     for layer in range(layers):
@@ -153,11 +156,11 @@ def build_step_graph(w: Weights, excluded_ids: list[int]) -> onnx.ModelProto:
             numpy_helper.from_array(np.array([layer + 1], dtype=np.int64), f"end_{layer}"),
         ]
         nodes += [
-            helper.make_node("Slice", ["h", f"start_{layer}", f"end_{layer}", "axis0"], [f"h_in_{layer}"]),
-            helper.make_node("Slice", ["c", f"start_{layer}", f"end_{layer}", "axis0"], [f"c_in_{layer}"]),
+            helper.make_node("Slice", [HIDDEN, f"start_{layer}", f"end_{layer}", "axis0"], [f"h_in_{layer}"]),
+            helper.make_node("Slice", [CELL, f"start_{layer}", f"end_{layer}", "axis0"], [f"c_in_{layer}"]),
             helper.make_node(
                 "LSTM",
-                [f"x_{layer}", f"W_{layer}", f"R_{layer}", f"B_{layer}", "lengths", f"h_in_{layer}", f"c_in_{layer}"],
+                [f"x_{layer}", f"W_{layer}", f"R_{layer}", f"B_{layer}", LENGTHS, f"h_in_{layer}", f"c_in_{layer}"],
                 [f"y_{layer}", f"h_lstm_{layer}", f"c_lstm_{layer}"],
                 hidden_size=hidden,
             ),  # y: (T, 1, B, H); h/c: (1, B, H)
@@ -168,8 +171,8 @@ def build_step_graph(w: Weights, excluded_ids: list[int]) -> onnx.ModelProto:
         ]
     inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "one"))
     nodes += [
-        helper.make_node("Concat", [f"h_out_{i}" for i in range(layers)], ["h_out"], axis=0),
-        helper.make_node("Concat", [f"c_out_{i}" for i in range(layers)], ["c_out"], axis=0),
+        helper.make_node("Concat", [f"h_out_{i}" for i in range(layers)], [HIDDEN_OUT], axis=0),
+        helper.make_node("Concat", [f"c_out_{i}" for i in range(layers)], [CELL_OUT], axis=0),
         helper.make_node("Squeeze", [f"h_out_{layers - 1}", "axis0"], ["top_hidden"]),  # (B, H)
         *_head_nodes("top_hidden", w),
     ]
@@ -177,18 +180,18 @@ def build_step_graph(w: Weights, excluded_ids: list[int]) -> onnx.ModelProto:
         nodes,
         "cellgate_step",
         inputs=[
-            helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"]),
-            helper.make_tensor_value_info("lengths", TensorProto.INT32, ["batch"]),
-            _state_value_infos("h"),
-            _state_value_infos("c"),
-            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info(TOKENS, TensorProto.INT64, ["batch", "time"]),
+            helper.make_tensor_value_info(LENGTHS, TensorProto.INT32, ["batch"]),
+            _state_value_infos(HIDDEN),
+            _state_value_infos(CELL),
+            helper.make_tensor_value_info(K, TensorProto.INT64, [1]),
         ],
         outputs=[
-            helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["batch", "vocab"]),
-            helper.make_tensor_value_info("top_log_probs", TensorProto.FLOAT, ["batch", "k"]),
-            helper.make_tensor_value_info("top_ids", TensorProto.INT64, ["batch", "k"]),
-            _state_value_infos("h_out"),
-            _state_value_infos("c_out"),
+            helper.make_tensor_value_info(LOG_PROBS, TensorProto.FLOAT, ["batch", "vocab"]),
+            helper.make_tensor_value_info(TOP_LOG_PROBS, TensorProto.FLOAT, ["batch", "k"]),
+            helper.make_tensor_value_info(TOP_IDS, TensorProto.INT64, ["batch", "k"]),
+            _state_value_infos(HIDDEN_OUT),
+            _state_value_infos(CELL_OUT),
         ],
         initializer=inits,
     )
@@ -265,13 +268,13 @@ def build_explain_graph(w: Weights, excluded_ids: list[int]) -> onnx.ModelProto:
     nodes = [
         helper.make_node(
             "Scan",
-            ["h", "c", "tokens"],
-            ["h_out", "c_out", *scan_outputs],
+            [HIDDEN, CELL, TOKENS],
+            [HIDDEN_OUT, CELL_OUT, *scan_outputs],
             body=body,
             num_scan_inputs=1,
             scan_input_axes=[1],  # tokens are (B, T): step over T
         ),  # gate outputs: (T, L, B, H)
-        helper.make_node("Gather", ["h_out", "last_layer"], ["top_hidden"], axis=0),  # (B, H)
+        helper.make_node("Gather", [HIDDEN_OUT, "last_layer"], ["top_hidden"], axis=0),  # (B, H)
         *_head_nodes("top_hidden", w),
     ]
     inits.append(numpy_helper.from_array(np.array(layers - 1, dtype=np.int64), "last_layer"))
@@ -280,17 +283,17 @@ def build_explain_graph(w: Weights, excluded_ids: list[int]) -> onnx.ModelProto:
         nodes,
         "cellgate_explain",
         inputs=[
-            helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"]),
-            _state_value_infos("h"),
-            _state_value_infos("c"),
-            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info(TOKENS, TensorProto.INT64, ["batch", "time"]),
+            _state_value_infos(HIDDEN),
+            _state_value_infos(CELL),
+            helper.make_tensor_value_info(K, TensorProto.INT64, [1]),
         ],
         outputs=[
-            helper.make_tensor_value_info("log_probs", f32, ["batch", "vocab"]),
-            helper.make_tensor_value_info("top_log_probs", f32, ["batch", "k"]),
-            helper.make_tensor_value_info("top_ids", TensorProto.INT64, ["batch", "k"]),
-            _state_value_infos("h_out"),
-            _state_value_infos("c_out"),
+            helper.make_tensor_value_info(LOG_PROBS, f32, ["batch", "vocab"]),
+            helper.make_tensor_value_info(TOP_LOG_PROBS, f32, ["batch", "k"]),
+            helper.make_tensor_value_info(TOP_IDS, TensorProto.INT64, ["batch", "k"]),
+            _state_value_infos(HIDDEN_OUT),
+            _state_value_infos(CELL_OUT),
             *[helper.make_tensor_value_info(name, f32, ["time", "layers", "batch", "hidden"]) for name in GATE_OUTPUTS],
         ],
         initializer=inits,

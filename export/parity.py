@@ -10,6 +10,19 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from export.bundle import (
+    CELL,
+    CELL_OUT,
+    EXPLAIN_OUTPUTS,
+    GATE_OUTPUTS,
+    HIDDEN,
+    HIDDEN_OUT,
+    LOG_PROBS,
+    STEP_OUTPUTS,
+    explain_feed,
+    run_graph,
+    step_feed,
+)
 from model.lm import LSTMLanguageModel, LSTMState
 
 LOGIT_TOLERANCE = 1e-4
@@ -69,14 +82,8 @@ def _random_state(model: LSTMLanguageModel, batch: int, gen: torch.Generator) ->
     return LSTMState(torch.rand(shape, generator=gen) * 2 - 1, torch.randn(shape, generator=gen) * 2)
 
 
-def _feed(tokens: np.ndarray, lengths: np.ndarray, state: LSTMState, k: int = 5) -> dict[str, np.ndarray]:
-    return {
-        "tokens": tokens.astype(np.int64),
-        "lengths": lengths.astype(np.int32),
-        "h": state.hidden.numpy(),
-        "c": state.cell.numpy(),
-        "k": np.array([k], dtype=np.int64),
-    }
+def _feed(tokens: np.ndarray, lengths: np.ndarray, state: LSTMState) -> dict[str, np.ndarray]:
+    return step_feed(tokens, state.hidden.numpy(), state.cell.numpy(), lengths=lengths)
 
 
 @torch.no_grad()
@@ -93,10 +100,10 @@ def check_parity(model: LSTMLanguageModel, step_graph: Path, explain_graph: Path
             tokens = torch.randint(0, vocab, (batch, time), generator=gen)
             state = _random_state(model, batch, gen)
             logits, expected = model(tokens, state)
-            log_probs, _, _, h_out, c_out = step.run(None, _feed(tokens.numpy(), np.full(batch, time), state))
-            report.record("log_probs", _max(log_probs, logits[:, -1].log_softmax(-1)), LOGIT_TOLERANCE)
-            report.record("h", _max(h_out, expected.hidden), STATE_TOLERANCE)
-            report.record("c", _max(c_out, expected.cell), STATE_TOLERANCE)
+            out = run_graph(step, _feed(tokens.numpy(), np.full(batch, time), state), STEP_OUTPUTS)
+            report.record("log_probs", _max(out[LOG_PROBS], logits[:, -1].log_softmax(-1)), LOGIT_TOLERANCE)
+            report.record("h", _max(out[HIDDEN_OUT], expected.hidden), STATE_TOLERANCE)
+            report.record("c", _max(out[CELL_OUT], expected.cell), STATE_TOLERANCE)
 
     # Rows of different lengths in one padded batch must equal each row run alone.
     batch, time = 7, 9
@@ -104,7 +111,8 @@ def check_parity(model: LSTMLanguageModel, step_graph: Path, explain_graph: Path
     lengths = torch.randint(1, time + 1, (batch,), generator=gen)
     tokens[torch.arange(time)[None, :] >= lengths[:, None]] = 0
     state = _random_state(model, batch, gen)
-    log_probs, _, _, h_out, c_out = step.run(None, _feed(tokens.numpy(), lengths.numpy(), state))
+    out = run_graph(step, _feed(tokens.numpy(), lengths.numpy(), state), STEP_OUTPUTS)
+    log_probs, h_out, c_out = out[LOG_PROBS], out[HIDDEN_OUT], out[CELL_OUT]
     for row in range(batch):
         n = int(lengths[row])
         row_state = LSTMState(state.hidden[:, row : row + 1], state.cell[:, row : row + 1])
@@ -118,30 +126,27 @@ def check_parity(model: LSTMLanguageModel, step_graph: Path, explain_graph: Path
     # Streaming: one token at a time, carrying state, equals one long call.
     tokens = torch.randint(0, vocab, (1, STREAM_TOKENS), generator=gen)
     state = _random_state(model, 1, gen)
-    whole = step.run(None, _feed(tokens.numpy(), np.array([STREAM_TOKENS]), state))
-    h, c = state.hidden.numpy(), state.cell.numpy()
-    last = None
+    whole = run_graph(step, _feed(tokens.numpy(), np.array([STREAM_TOKENS]), state), STEP_OUTPUTS)
+    carried = {HIDDEN_OUT: state.hidden.numpy(), CELL_OUT: state.cell.numpy()}
     for t in range(STREAM_TOKENS):
         feed = _feed(tokens[:, t : t + 1].numpy(), np.array([1]), state)
-        feed["h"], feed["c"] = h, c
-        last, _, _, h, c = step.run(None, feed)
-    assert last is not None
-    report.record("stream_log_probs", _max(last, whole[0]), STATE_TOLERANCE)
-    report.record("stream_state", _max(h, whole[3]), STATE_TOLERANCE)
-    report.record("stream_state", _max(c, whole[4]), STATE_TOLERANCE)
+        feed[HIDDEN], feed[CELL] = carried[HIDDEN_OUT], carried[CELL_OUT]
+        carried = run_graph(step, feed, STEP_OUTPUTS)
+    report.record("stream_log_probs", _max(carried[LOG_PROBS], whole[LOG_PROBS]), STATE_TOLERANCE)
+    report.record("stream_state", _max(carried[HIDDEN_OUT], whole[HIDDEN_OUT]), STATE_TOLERANCE)
+    report.record("stream_state", _max(carried[CELL_OUT], whole[CELL_OUT]), STATE_TOLERANCE)
 
     if explain_graph is not None:
         explain = _session(explain_graph)
         tokens = torch.randint(0, vocab, (3, 11), generator=gen)
         state = _random_state(model, 3, gen)
         logits, expected, trace = model.explain(tokens, state)
-        feed = _feed(tokens.numpy(), np.full(3, 11), state)
-        del feed["lengths"]
-        outputs = dict(zip([o.name for o in explain.get_outputs()], explain.run(None, feed), strict=True))
-        report.record("explain_log_probs", _max(outputs["log_probs"], logits[:, -1].log_softmax(-1)), LOGIT_TOLERANCE)
-        for gate in ("forget_gate", "input_gate", "candidate", "output_gate", "cell", "hidden"):
+        feed = explain_feed(tokens.numpy(), state.hidden.numpy(), state.cell.numpy())
+        outputs = run_graph(explain, feed, EXPLAIN_OUTPUTS)
+        report.record("explain_log_probs", _max(outputs[LOG_PROBS], logits[:, -1].log_softmax(-1)), LOGIT_TOLERANCE)
+        for gate in GATE_OUTPUTS:
             # ONNX gives (T, L, B, H); the trace is (L, B, T, H).
             got = outputs[gate].transpose(1, 2, 0, 3)
             report.record(f"explain_{gate}", _max(got, getattr(trace, gate)), STATE_TOLERANCE)
-        report.record("explain_state", _max(outputs["h_out"], expected.hidden), STATE_TOLERANCE)
+        report.record("explain_state", _max(outputs[HIDDEN_OUT], expected.hidden), STATE_TOLERANCE)
     return report

@@ -33,10 +33,11 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from export.bundle import CELL_OUT, HIDDEN_OUT, LOG_PROBS, STEP_OUTPUTS, TOP_IDS, run_graph, step_feed
 from export.onnx import OPSET
 from model.corpus import longrange_text
 from model.lm import LSTMLanguageModel
-from model.vocab import Vocabulary
+from vocab import Vocabulary
 
 MS_DOMAIN = "com.microsoft"
 TOP1_AGREEMENT = 0.99  # the export fails below these bars
@@ -242,24 +243,15 @@ def held_out_tokens(
     h = c = np.zeros((layers, STREAMS, hidden), np.float32)
     sampled = np.zeros((STREAMS, steps), dtype=np.int64)
     for t in range(steps):
-        log_probs, _, _, h, c = reference.run(None, _feed(tokens, h, c))
-        probs = np.exp(log_probs.astype(np.float64))
+        out = run_graph(reference, step_feed(tokens, h, c), STEP_OUTPUTS)
+        h, c = out[HIDDEN_OUT], out[CELL_OUT]
+        probs = np.exp(out[LOG_PROBS].astype(np.float64))
         probs[:, [vocab.pad_id, vocab.unk_id]] = 0.0
         probs /= probs.sum(axis=1, keepdims=True)
         cumulative = probs.cumsum(axis=1)
         tokens = (cumulative < rng.random((STREAMS, 1))).sum(axis=1, keepdims=True).clip(0, probs.shape[1] - 1)
         sampled[:, t] = tokens[:, 0]
     return sampled.reshape(-1)[:count].tolist(), f"sampled from the fp32 graph, seed {HELD_OUT_SEED}"
-
-
-def _feed(tokens: np.ndarray, h: np.ndarray, c: np.ndarray, k: int = 5) -> dict[str, np.ndarray]:
-    return {
-        "tokens": tokens.astype(np.int64),
-        "lengths": np.full(tokens.shape[0], tokens.shape[1], dtype=np.int32),
-        "h": h,
-        "c": c,
-        "k": np.array([k], dtype=np.int64),
-    }
 
 
 def agreement(
@@ -275,9 +267,9 @@ def agreement(
     for t in range(steps):
         results = []
         for i, session in enumerate((reference, candidate)):
-            log_probs, _, top_ids, h, c = session.run(None, _feed(streams[:, t : t + 1], *states[i]))
-            states[i] = (h, c)
-            results.append((log_probs, top_ids))
+            out = run_graph(session, step_feed(streams[:, t : t + 1], *states[i]), STEP_OUTPUTS)
+            states[i] = (out[HIDDEN_OUT], out[CELL_OUT])
+            results.append((out[LOG_PROBS], out[TOP_IDS]))
         (ref_lp, ref_ids), (got_lp, got_ids) = results
         top1 += float((ref_ids[:, 0] == got_ids[:, 0]).sum())
         overlap += sum(len(set(a) & set(b)) / 5 for a, b in zip(ref_ids.tolist(), got_ids.tolist(), strict=True))
@@ -298,13 +290,11 @@ def batch_effect(session: ort.InferenceSession, tokens: list[int], layers: int, 
     for row, n in enumerate(lengths):
         batch[row, :n] = tokens[row * 9 : row * 9 + n]
     zero = np.zeros((layers, len(lengths), hidden), np.float32)
-    feed = _feed(batch, zero, zero)
-    feed["lengths"] = lengths
-    together = session.run(["log_probs"], feed)[0]
+    together = run_graph(session, step_feed(batch, zero, zero, lengths=lengths), [LOG_PROBS])[LOG_PROBS]
     worst = 0.0
     for row, n in enumerate(lengths):
         z1 = np.zeros((layers, 1, hidden), np.float32)
-        alone = session.run(["log_probs"], _feed(batch[row : row + 1, :n], z1, z1))[0]
+        alone = run_graph(session, step_feed(batch[row : row + 1, :n], z1, z1), [LOG_PROBS])[LOG_PROBS]
         worst = max(worst, float(np.abs(alone[0] - together[row]).max()))
     return worst
 
@@ -316,7 +306,7 @@ def step_latency(sessions: list[ort.InferenceSession], layers: int, hidden: int,
     runs with its own weights in cache, as a service calling one model over and over does.
     """
     zero = np.zeros((layers, 1, hidden), np.float32)
-    feed = _feed(np.array([[3]], dtype=np.int64), zero, zero)
+    feed = step_feed(np.array([[3]], dtype=np.int64), zero, zero)
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(rounds):
         for i, session in enumerate(sessions):
@@ -335,7 +325,7 @@ def op_providers(path: Path, layers: int, hidden: int) -> dict[str, set[str]]:
     options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "cellgate-ort-profile")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     zero = np.zeros((layers, 1, hidden), np.float32)
-    session.run(None, _feed(np.array([[3, 4]], dtype=np.int64), zero, zero))
+    session.run(None, step_feed(np.array([[3, 4]], dtype=np.int64), zero, zero))
     profile = Path(session.end_profiling())
     try:
         events = json.loads(profile.read_text())

@@ -11,7 +11,7 @@ import torch
 
 from model.config import LSTMConfig
 from model.lm import LSTMLanguageModel
-from model.vocab import Vocabulary
+from vocab import Vocabulary
 
 CHECKPOINT_FORMAT = 1
 BEST = "best.pt"

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from model.corpus import LONGRANGE, load_corpus, longrange_text
 from model.recipe import TrainConfig, tokenization
-from model.vocab import Vocabulary, tokenize
+from vocab import Vocabulary, tokenize
 
 
 def encode_stream(vocab: Vocabulary, text: str) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from model.corpus import Episode, longrange_episode
 from model.data import batchify, stream_windows
-from model.vocab import Vocabulary
+from vocab import Vocabulary
 
 
 class LanguageModel(Protocol):

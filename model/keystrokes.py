@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from model.lm import LSTMLanguageModel, LSTMState
-from model.vocab import SPECIALS, Vocabulary
+from vocab import SPECIALS, Vocabulary
 
 WINDOW = 256  # tokens per forward pass; the state is carried across windows
 

@@ -36,7 +36,7 @@ from model.lm import LSTMLanguageModel, LSTMState
 from model.optim import budget_lr, clip_grad_norm, make_optimizer
 from model.recipe import TrainConfig
 from model.softmax import SampledSoftmax
-from model.vocab import Vocabulary
+from vocab import Vocabulary
 
 # Builds the network from its shape; train() defaults to the gated LSTM, an experiment may swap it.
 ModelFactory = Callable[[LSTMConfig], nn.Module]

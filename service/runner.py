@@ -8,13 +8,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from export.bundle import Bundle
-from model.vocab import Vocabulary
+from export.bundle import (
+    CELL_OUT,
+    GATE_OUTPUTS,
+    HIDDEN_OUT,
+    LOG_PROBS,
+    TOP_IDS,
+    TOP_LOG_PROBS,
+    Bundle,
+    explain_feed,
+    run_graph,
+    step_feed,
+)
 from service.config import Settings
 
 log = logging.getLogger("cellgate.runner")
@@ -26,7 +35,9 @@ _OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-GATE_NAMES = ("forget_gate", "input_gate", "candidate", "output_gate", "cell", "hidden")
+# What a step fetches: the top list and the new state; the full (B, V) row only when sampling or completing asks.
+STEP_FETCH = (TOP_LOG_PROBS, TOP_IDS, HIDDEN_OUT, CELL_OUT)
+STEP_FETCH_ALL = (*STEP_FETCH, LOG_PROBS)
 
 
 class ProviderUnavailable(RuntimeError):
@@ -68,7 +79,7 @@ class Runner:
 
     def __init__(self, bundle: Bundle, settings: Settings) -> None:
         self.bundle = bundle
-        self.vocab = Vocabulary.load(bundle.vocab_path)
+        self.vocab = bundle.vocabulary()
         config = bundle.config
         self.layers = int(config["num_layers"])
         self.hidden_size = int(config["hidden_size"])
@@ -108,17 +119,14 @@ class Runner:
             tokens[row, : len(seq)] = seq
             lengths[row] = len(seq)
         k = max(1, min(k, self.vocab_size - 2))
-        outputs = ["top_log_probs", "top_ids", "h_out", "c_out"] + (["log_probs"] if want_log_probs else [])
-        result = self.step_session.run(
-            outputs,
-            {"tokens": tokens, "lengths": lengths, "h": hidden, "c": cell, "k": np.array([k], dtype=np.int64)},
-        )
+        feed = step_feed(tokens, hidden, cell, k, lengths)
+        result = run_graph(self.step_session, feed, STEP_FETCH_ALL if want_log_probs else STEP_FETCH)
         return RunResult(
-            top_ids=result[1],
-            top_log_probs=result[0],
-            hidden=result[2],
-            cell=result[3],
-            log_probs=result[4] if want_log_probs else None,
+            top_ids=result[TOP_IDS],
+            top_log_probs=result[TOP_LOG_PROBS],
+            hidden=result[HIDDEN_OUT],
+            cell=result[CELL_OUT],
+            log_probs=result.get(LOG_PROBS),
         )
 
     def explain(self, tokens: Sequence[int], hidden: np.ndarray, cell: np.ndarray) -> dict[str, np.ndarray]:
@@ -126,15 +134,9 @@ class Runner:
         if self.explain_session is None:
             raise RuntimeError("this bundle has no explain graph")
         if not tokens:
-            return {name: np.zeros((0, self.layers, self.hidden_size), np.float32) for name in GATE_NAMES}
-        feed: dict[str, Any] = {
-            "tokens": np.array([tokens], dtype=np.int64),
-            "h": hidden,
-            "c": cell,
-            "k": np.array([1], dtype=np.int64),
-        }
-        outputs = self.explain_session.run(list(GATE_NAMES), feed)
-        return {name: value[:, :, 0, :] for name, value in zip(GATE_NAMES, outputs, strict=True)}
+            return {name: np.zeros((0, self.layers, self.hidden_size), np.float32) for name in GATE_OUTPUTS}
+        gates = run_graph(self.explain_session, explain_feed([tokens], hidden, cell), GATE_OUTPUTS)
+        return {name: value[:, :, 0, :] for name, value in gates.items()}  # (T, L, 1, H) -> (T, L, H)
 
     def warm_up(self) -> None:
         """Run each graph once so the first request does not pay for lazy initialisation."""

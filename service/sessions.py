@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from model.vocab import continuation, detokenize
 from service.completion import Completer, blocklist_entries
 from service.config import Settings
 from service.errors import (
@@ -37,6 +36,7 @@ from service.sampling import GenerateOptions, OnWord, Sampled, SampledWord, firs
 from service.scheduler import Scheduler, StepOutput
 from service.store.base import SessionRecord, SessionStore, Snapshot
 from service.store.codec import decode_state, encode_state
+from vocab import continuation, detokenize
 
 T = TypeVar("T")
 # Retries when another replica or worker wrote the session between our read and write. Each round one

@@ -94,6 +94,11 @@ def test_runtime_stage_is_slim_pinned_non_root_and_healthchecked() -> None:
     assert venv_source == venv_dest == VENV
     for stage in (runtime, all_stages["serve-venv"]):
         assert not any("torch" in c.original or "[train" in c.original for c in stage.commands), stage.name
+    # Nor the training code: the serving venvs are built without model/ (the service needs only vocab/).
+    for name in ("serve-venv", "gpu-venv"):
+        copied = {c.value[0].rstrip("/") for c in all_stages[name].all("COPY") if not c.flags}
+        assert "vocab" in copied, name
+        assert "model" not in copied, name
     # The demo bundle comes from the build itself, trained and exported by the real CLI.
     [(bundle_source, bundle_dest)] = runtime.copy_from("demo-model")
     assert runtime.env()["CELLGATE_BUNDLE"] == bundle_dest

@@ -11,10 +11,19 @@ from pathlib import Path
 import pytest
 
 from export.build import export_checkpoint
-from export.bundle import FORMAT_VERSION, MANIFEST, BundleError, load_bundle, sha256_file
-from export.onnx import EXPLAIN_GRAPH, OPSET, STEP_GRAPH
+from export.bundle import (
+    EXPLAIN_GRAPH,
+    FORMAT_VERSION,
+    MANIFEST,
+    STEP_GRAPH,
+    VOCAB_FILE,
+    BundleError,
+    load_bundle,
+    sha256_file,
+)
+from export.onnx import OPSET
 
-FILES = (STEP_GRAPH, EXPLAIN_GRAPH, "vocab.json")
+FILES = (STEP_GRAPH, EXPLAIN_GRAPH, VOCAB_FILE)
 
 
 @pytest.fixture

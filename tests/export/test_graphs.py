@@ -9,8 +9,20 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export.bundle import load_bundle
-from export.onnx import EXPLAIN_GRAPH, GATE_OUTPUTS, OPSET, STEP_GRAPH
+from export.bundle import (
+    EXPLAIN_GRAPH,
+    EXPLAIN_INPUTS,
+    EXPLAIN_OUTPUTS,
+    GATE_OUTPUTS,
+    STEP_GRAPH,
+    STEP_INPUTS,
+    STEP_OUTPUTS,
+    explain_feed,
+    load_bundle,
+    run_graph,
+    step_feed,
+)
+from export.onnx import OPSET
 
 GRAPHS = (STEP_GRAPH, EXPLAIN_GRAPH)
 
@@ -35,6 +47,28 @@ def test_opset_at_least_17(tiny_bundle: Path, name: str) -> None:
 
 def _dims(value: onnx.ValueInfoProto) -> list[str | int]:
     return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+_ONNX_DTYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.FLOAT: np.float32}
+
+
+@pytest.mark.parametrize(
+    ("name", "inputs", "outputs", "feed"),
+    [
+        (STEP_GRAPH, STEP_INPUTS, STEP_OUTPUTS, step_feed([[3, 4]], [[[0.0]]], [[[0.0]]])),
+        (EXPLAIN_GRAPH, EXPLAIN_INPUTS, EXPLAIN_OUTPUTS, explain_feed([[3, 4]], [[[0.0]]], [[[0.0]]])),
+    ],
+)
+def test_graphs_have_the_bundle_modules_interface(
+    tiny_bundle: Path, name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], feed: dict[str, np.ndarray]
+) -> None:
+    """export/bundle.py names every input and output, and its feed builders give each input its graph's dtype."""
+    graph = onnx.load(tiny_bundle / name).graph
+    assert tuple(v.name for v in graph.input) == inputs
+    assert tuple(v.name for v in graph.output) == outputs
+    assert set(feed) == set(inputs)
+    for value in graph.input:
+        assert feed[value.name].dtype == _ONNX_DTYPES[value.type.tensor_type.elem_type], value.name
 
 
 @pytest.mark.parametrize("name", GRAPHS)
@@ -75,16 +109,9 @@ def test_cpu_provider_runs_any_shape(tiny_bundle: Path, config: dict[str, int], 
     layers, hidden, vocab = config["num_layers"], config["hidden_size"], config["vocab_size"]
     rng = np.random.default_rng(batch * 1000 + time)
     state = (layers, batch, hidden)
-    log_probs, top_lp, top_ids, h_out, c_out = session.run(
-        None,
-        {
-            "tokens": rng.integers(0, vocab, (batch, time)).astype(np.int64),
-            "lengths": np.full(batch, time, np.int32),
-            "h": rng.standard_normal(state).astype(np.float32),
-            "c": rng.standard_normal(state).astype(np.float32),
-            "k": np.array([3], np.int64),
-        },
-    )
+    feed = step_feed(rng.integers(0, vocab, (batch, time)), rng.standard_normal(state), rng.standard_normal(state), k=3)
+    out = run_graph(session, feed, STEP_OUTPUTS)
+    log_probs, top_lp, top_ids, h_out, c_out = (out[name] for name in STEP_OUTPUTS)
     assert log_probs.shape == (batch, vocab)
     assert h_out.shape == c_out.shape == state
     assert top_ids.shape == top_lp.shape == (batch, 3)

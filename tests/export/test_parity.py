@@ -16,7 +16,18 @@ from hypothesis import strategies as st
 from cellgate.cli import main
 from export import build
 from export.build import ParityError, export_checkpoint
-from export.onnx import EXPLAIN_GRAPH, GATE_OUTPUTS, STEP_GRAPH, Weights, build_explain_graph, build_step_graph
+from export.bundle import (
+    CELL_OUT,
+    EXPLAIN_GRAPH,
+    GATE_OUTPUTS,
+    HIDDEN_OUT,
+    LOG_PROBS,
+    STEP_GRAPH,
+    explain_feed,
+    run_graph,
+    step_feed,
+)
+from export.onnx import Weights, build_explain_graph, build_step_graph
 from export.parity import BATCHES, LOGIT_TOLERANCE, STATE_TOLERANCE, STREAM_TOKENS, TIMES, ParityReport, check_parity
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.lm import LSTMLanguageModel, LSTMState
@@ -80,8 +91,8 @@ def test_report_is_ok(report: ParityReport) -> None:
 
 
 def _run(session: ort.InferenceSession, tokens: np.ndarray, lengths: np.ndarray, h: np.ndarray, c: np.ndarray) -> list:
-    feed = {"tokens": tokens, "lengths": lengths.astype(np.int32), "h": h, "c": c, "k": np.array([4], np.int64)}
-    return session.run(["log_probs", "h_out", "c_out"], feed)
+    out = run_graph(session, step_feed(tokens, h, c, k=4, lengths=lengths), [LOG_PROBS, HIDDEN_OUT, CELL_OUT])
+    return [out[LOG_PROBS], out[HIDDEN_OUT], out[CELL_OUT]]
 
 
 @settings(max_examples=40, deadline=None)
@@ -138,8 +149,8 @@ def test_explain_graph_matches_explicit_cell(tiny_bundle: Path, model: LSTMLangu
     shape = (cfg.num_layers, 2, cfg.hidden_size)
     state = LSTMState(torch.rand(shape, generator=gen) * 2 - 1, torch.randn(shape, generator=gen))
     _, _, trace = model.explain(tokens, state)
-    feed = {"tokens": tokens.numpy(), "h": state.hidden.numpy(), "c": state.cell.numpy(), "k": np.array([1])}
-    (got,) = explain.run([gate], feed)  # (T, L, B, H)
+    feed = explain_feed(tokens.numpy(), state.hidden.numpy(), state.cell.numpy())
+    got = run_graph(explain, feed, [gate])[gate]  # (T, L, B, H)
     want = getattr(trace, gate).numpy().transpose(2, 0, 1, 3)  # (L, B, T, H) -> (T, L, B, H)
     assert got.shape == want.shape == (23, cfg.num_layers, 2, cfg.hidden_size)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

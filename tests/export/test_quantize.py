@@ -17,16 +17,26 @@ from onnx import numpy_helper
 from cellgate.cli import main
 from export import quantize
 from export.build import export_checkpoint
-from export.bundle import load_bundle
-from export.onnx import EXPLAIN_GRAPH, STEP_GRAPH, Weights, build_step_graph
+from export.bundle import (
+    CELL_OUT,
+    EXPLAIN_GRAPH,
+    HIDDEN_OUT,
+    LOG_PROBS,
+    STEP_GRAPH,
+    STEP_OUTPUTS,
+    load_bundle,
+    run_graph,
+    step_feed,
+)
+from export.onnx import Weights, build_step_graph
 from export.parity import check_parity
 from export.quantize import QuantizationError, op_providers, quantize_bundle_graph, quantize_step_model
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.config import LSTMConfig
 from model.lm import LSTMLanguageModel
-from model.vocab import Vocabulary
 from service.config import Settings
 from service.runner import Runner
+from vocab import Vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +142,7 @@ def test_dynamic_lstm_variant_runs_on_cpu(tiny_bundle: Path, tmp_path: Path) -> 
 
 
 def _feed(tokens: np.ndarray, lengths: np.ndarray, h: np.ndarray, c: np.ndarray) -> dict[str, np.ndarray]:
-    return {"tokens": tokens, "lengths": lengths.astype(np.int32), "h": h, "c": c, "k": np.array([5], np.int64)}
+    return step_feed(tokens, h, c, k=5, lengths=lengths)
 
 
 @settings(max_examples=25, deadline=None)
@@ -148,13 +158,13 @@ def test_int8_padded_batch_equals_rows_alone(
     tokens = rng.integers(0, vocab, (batch, width)).astype(np.int64)
     h = rng.uniform(-1, 1, (layers, batch, hidden)).astype(np.float32)
     c = rng.standard_normal((layers, batch, hidden)).astype(np.float32)
-    log_probs, _, _, h_out, c_out = int8_step.run(None, _feed(tokens, np.array(lengths), h, c))
+    together = run_graph(int8_step, _feed(tokens, np.array(lengths), h, c), STEP_OUTPUTS)
     for row, n in enumerate(lengths):
         feed = _feed(tokens[row : row + 1, : max(n, 1)], np.array([n]), h[:, row : row + 1], c[:, row : row + 1])
-        alone = int8_step.run(None, feed)
-        np.testing.assert_allclose(log_probs[row : row + 1], alone[0], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(h_out[:, row : row + 1], alone[3], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(c_out[:, row : row + 1], alone[4], atol=1e-5, rtol=0)
+        alone = run_graph(int8_step, feed, STEP_OUTPUTS)
+        np.testing.assert_allclose(together[LOG_PROBS][row : row + 1], alone[LOG_PROBS], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(together[HIDDEN_OUT][:, row : row + 1], alone[HIDDEN_OUT], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(together[CELL_OUT][:, row : row + 1], alone[CELL_OUT], atol=1e-5, rtol=0)
 
 
 def test_service_runner_serves_the_int8_bundle(int8_bundle: Path, tiny_bundle: Path) -> None:
@@ -229,10 +239,10 @@ def test_untied_model(tmp_path: Path, lstm: quantize.LSTMMode) -> None:
         rng.uniform(-1, 1, (2, 3, 40)).astype(np.float32),
         rng.uniform(-1, 1, (2, 3, 40)).astype(np.float32),
     )
-    want = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
-    got = ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
-    np.testing.assert_allclose(np.exp(got[0]), np.exp(want[0]), atol=0.01)  # probabilities
-    np.testing.assert_allclose(got[3], want[3], atol=0.02)  # h
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (fp32, int8)]
+    want, got = (run_graph(session, feed, [LOG_PROBS, HIDDEN_OUT]) for session in sessions)
+    np.testing.assert_allclose(np.exp(got[LOG_PROBS]), np.exp(want[LOG_PROBS]), atol=0.01)  # probabilities
+    np.testing.assert_allclose(got[HIDDEN_OUT], want[HIDDEN_OUT], atol=0.02)
 
 
 def test_decoder_integer_sums_are_exact(int8_bundle: Path, int8_step: ort.InferenceSession) -> None:
@@ -252,8 +262,9 @@ def test_decoder_integer_sums_are_exact(int8_bundle: Path, int8_step: ort.Infere
     h = rng.uniform(-1, 1, (layers, batch, hidden)).astype(np.float32)
     c = rng.uniform(-3, 3, (layers, batch, hidden)).astype(np.float32)
     tokens = rng.integers(0, vocab, (batch, 1)).astype(np.int64)
-    log_probs, _, _, h_out, _ = int8_step.run(None, _feed(tokens, np.ones(batch), h, c))
-    top = h_out[-1].astype(np.float32)  # the graph's own float32 arithmetic, to the same roundings
+    out = run_graph(int8_step, _feed(tokens, np.ones(batch), h, c), [LOG_PROBS, HIDDEN_OUT])
+    # The graph's own float32 arithmetic, to the same roundings.
+    log_probs, top = out[LOG_PROBS], out[HIDDEN_OUT][-1].astype(np.float32)
     levels = np.float32(quantize.REDUCED_RANGE)
     row_scale = np.maximum(np.abs(top).max(axis=1, keepdims=True), np.float32(1e-30)) / levels
     scaled = top / row_scale

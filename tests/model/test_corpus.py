@@ -25,7 +25,7 @@ from model.corpus import (
 from model.data import batchify, encode_lines, encode_stream, line_batches, stream_windows
 from model.evaluate import BUCKET_WIDTH, Tally, detach_state, evaluate_batches, evaluate_stream, long_range_accuracy
 from model.lm import LSTMState
-from model.vocab import EOS, Vocabulary, tokenize
+from vocab import EOS, Vocabulary, tokenize
 
 PROPERTY = settings(max_examples=30, deadline=None)
 COUNTRIES = {c for c, _ in COUNTRY_LANGUAGE}

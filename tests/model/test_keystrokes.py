@@ -17,8 +17,8 @@ from model import keystrokes
 from model.checkpoint import load_checkpoint
 from model.keystrokes import Tally, next_word_rows, simulate_typing
 from model.lm import LSTMLanguageModel
-from model.vocab import Vocabulary
 from service.completion import Completer
+from vocab import Vocabulary
 
 ROW = np.zeros(1, dtype=np.float32)  # the scripted keyboard below ignores the row
 

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from export.bundle import BlocklistError, read_blocklist
-from model.vocab import SPECIALS, Vocabulary, tokenize
 from service.completion import Completer, Completion, _successor, blocklist_entries
 from service.sampling import sample
+from vocab import SPECIALS, Vocabulary, tokenize
 
 # Letters that sort in interesting ways: ASCII, accented, a combining mark, CJK, an astral one and the last code point.
 ALPHABET = "abcAB\u00e9\u0301\u4e2d\U0001f600\U0010ffff"

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import model.vocab as vocab_module
-from model.vocab import EOS, PAD, SPECIALS, SPLIT_MODES, TOKENIZER_VERSION, UNK, Vocabulary, detokenize, tokenize
+import vocab as vocab_module
+from vocab import EOS, PAD, SPECIALS, SPLIT_MODES, TOKENIZER_VERSION, UNK, Vocabulary, detokenize, tokenize
 
 PROPERTY = settings(max_examples=40, deadline=None)
 ASCII_TEXT = st.text(alphabet=st.characters(max_codepoint=127), max_size=80)

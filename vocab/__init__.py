@@ -1,7 +1,8 @@
 """Word-level tokenization and the vocabulary file format (vocab.json).
 
-This module imports no torch: the service reads vocab.json with it, so the training and the
-serving side split text into tokens by exactly the same rules.
+A package of its own, beneath model/, export/ and service/ alike, and importing no torch: training
+builds the vocabulary with it and the service reads a bundle's vocab.json with it, so both sides
+split text into tokens by exactly the same rules, and the service needs nothing of model/.
 
 Tokenization rules (version 2):
 1. Text is normalised to Unicode NFKC (so "ﬁ" and "fi", full-width and ASCII forms, match).
