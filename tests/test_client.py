@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from cellgate import client as client_module
 from cellgate.client import (
     AsyncClient,
     CellgateAPIError,
@@ -27,6 +26,7 @@ from cellgate.client import (
     Unreachable,
     ValidationError,
 )
+from cellgate.errors import ERRORS
 from service import errors as server_errors
 from tests.servers import ServerProcess, running_server
 
@@ -197,8 +197,8 @@ def test_the_client_knows_every_code_the_server_sends() -> None:
     """The client's table of typed errors and the server's hierarchy name the same codes, each once."""
     server_codes = {kind.code for kind in _server_error_types()}
     assert len(server_codes) > 15
-    assert set(client_module._ERRORS) == server_codes
-    for code, kind in client_module._ERRORS.items():
+    assert set(ERRORS) == server_codes
+    for code, kind in ERRORS.items():
         assert kind.code == code
         assert issubclass(kind, CellgateAPIError)
 
