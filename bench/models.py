@@ -6,7 +6,9 @@ from pathlib import Path
 
 from export.bundle import MANIFEST
 
-WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+# /work/shared beside the main checkout, or two levels up from a worktree under /work/wt/NAME.
+_DATA = [root / "shared" / "data" / "wikitext-2" / "valid.txt" for root in Path(__file__).resolve().parents[1].parents]
+WIKITEXT = next((path for path in _DATA[:3] if path.exists()), _DATA[0])
 DEMO_RUN = Path("runs/demo")
 DEMO_BUNDLE = Path("bundles/demo")
 REALISTIC_RUN = Path("runs/realistic")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import resource
 import shutil
@@ -28,7 +29,7 @@ import httpx
 
 from bench import profile, wrk
 from bench.models import DEMO_RUN, REALISTIC_RUN, ensure_demo, ensure_realistic
-from bench.procs import ServerProcess, cpu_seconds, rss_bytes, start_process
+from bench.procs import ServerProcess, cpu_seconds, rss_bytes, start_process, tree_cpu_seconds
 from export.bundle import MANIFEST
 from service.config import Settings
 
@@ -100,9 +101,9 @@ def _measure_http(server: ServerProcess, sessions: int, seconds: float, batching
     ids = _sessions(server.url, sessions)
     _wrk(server.url, ids, sessions, min(2.0, seconds))  # warm-up
     hist = _batch_histogram(server.url) if batching else {}
-    cpu0 = cpu_seconds(server.pid)
+    cpu0 = tree_cpu_seconds(server.pid)
     result = _wrk(server.url, ids, sessions, seconds)
-    result["server_cpu_cores"] = (cpu_seconds(server.pid) - cpu0) / result["seconds"]
+    result["server_cpu_cores"] = (tree_cpu_seconds(server.pid) - cpu0) / result["seconds"]
     if batching:
         result["batch_sizes"] = _distribution(hist, _batch_histogram(server.url))
     return result
@@ -263,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, metavar="DIR", help="also profile the server under max load with py-spy into DIR"
     )
+    parser.add_argument(
+        "--workers",
+        metavar="N,M,...",
+        help="instead: scaling over `cellgate serve --workers N` and the floor at N workers (bench/scaling.py)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="with --workers: alternating rounds")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is needed (apt-get install wrk)", file=sys.stderr)
@@ -275,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     idle = 5_000 if args.short else args.idle_sessions
     with_history = 100 if args.short else args.history_sessions
     started = time.perf_counter()
+    if args.workers:
+        return _scaling(args, models, seconds, started)
     results = []
     for name in models:
         bundle, checkpoint = (ensure_demo(), DEMO_RUN) if name == "demo" else (ensure_realistic(), REALISTIC_RUN)
@@ -283,12 +292,38 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count()}
-    payload = {"results": results, "machine": machine, "wall_seconds": time.perf_counter() - started}
+    payload = {"results": results, "machine": _machine(), "wall_seconds": time.perf_counter() - started}
     out.write_text(json.dumps(payload, indent=2))
     out.with_suffix(".md").write_text(table)
     print(f"wrote {out} and {out.with_suffix('.md')} in {payload['wall_seconds']:.0f} s")
     return 0
+
+
+def _scaling(args: argparse.Namespace, models: list[str], seconds: float, started: float) -> int:
+    from bench import scaling
+
+    workers = [int(n) for n in args.workers.split(",")]
+    payload: dict[str, Any] = {"machine": _machine(), "load_at_start": os.getloadavg(), "models": {}}
+    tables = []
+    for name in models:
+        bundle = ensure_demo() if name == "demo" else ensure_realistic()
+        result = scaling.run(bundle, workers, args.sessions, seconds, args.rounds)
+        payload["models"][name] = result
+        tables.append(scaling.markdown(name, result["summary"]))
+    payload["load_at_end"] = os.getloadavg()
+    payload["wall_seconds"] = time.perf_counter() - started
+    table = "\n".join(tables)
+    print(table)
+    out = Path(args.out).with_name(Path(args.out).stem + "_scaling.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2))
+    out.with_suffix(".md").write_text(table)
+    print(f"wrote {out} and {out.with_suffix('.md')} in {payload['wall_seconds']:.0f} s")
+    return 0
+
+
+def _machine() -> dict[str, Any]:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
 if __name__ == "__main__":

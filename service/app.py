@@ -51,7 +51,20 @@ def build_store(settings: Settings, metrics: Metrics) -> SessionStore:
         from service.store.redis import RedisStore
 
         return RedisStore(settings, events)
-    raise ValueError(f"CELLGATE_SESSION_STORE must be 'memory' or a redis:// URL, got {settings.session_store!r}")
+    if settings.session_store.startswith("lmdb://"):
+        from service.store.lmdb import LmdbStore, path_of
+
+        return LmdbStore(
+            path_of(settings.session_store),
+            settings.session_ttl_seconds,
+            settings.max_sessions,
+            settings.lmdb_map_size_bytes,
+            events,
+        )
+    raise ValueError(
+        "CELLGATE_SESSION_STORE must be 'memory', a redis:// URL or an lmdb:///directory, "
+        f"got {settings.session_store!r}"
+    )
 
 
 class DemoMount(Mount):

@@ -56,15 +56,14 @@ class Settings(BaseSettings):
     drain_timeout_seconds: float = Field(10.0, gt=0, description="Graceful shutdown: time given to in-flight work.")
     # Processes: 1 by default, because one process needs nothing beside it (sessions stay in its memory),
     # and because the deployments that scale — replicas behind a load balancer, Kubernetes pods — scale by
-    # processes already. N > 1 shares sessions through a store (a private redis-server unless
-    # session_store names one); docs/deploy.md says when each is the better choice.
+    # processes already. N > 1 shares sessions through a store (a private LMDB environment on /dev/shm
+    # unless session_store names one); docs/deploy.md says when each is the better choice.
     workers: int = Field(1, ge=0, le=64, description="Serving processes on one port (0 = one per core).")
     max_auto_workers: int = Field(8, ge=1, description="Cap on workers=0's one-per-core.")
-    local_store_executable: str = Field(
-        "redis-server", description="The redis-server that --workers N starts when session_store is 'memory'."
-    )
-    local_store_max_memory: str = Field(
-        "0", description="maxmemory of that redis-server (e.g. 2gb; 0 = unlimited); over it, LRU sessions go."
+    lmdb_map_size_bytes: int = Field(
+        8 << 30,
+        ge=1 << 20,
+        description="Largest size of an lmdb:// session store (address space; only what sessions use is memory).",
     )
 
     # Requests
@@ -73,7 +72,10 @@ class Settings(BaseSettings):
     max_generate_words: int = Field(256, ge=1, description="Largest max_words for /generate.")
 
     # Sessions
-    session_store: str = Field("memory", description="'memory' or a redis:// URL for a shared store.")
+    session_store: str = Field(
+        "memory",
+        description="'memory', a redis:// URL (shared by replicas), or lmdb:///dir (shared by processes on one host).",
+    )
     session_ttl_seconds: float = Field(1800.0, gt=0, description="Idle time after which a session expires.")
     max_sessions: int = Field(100_000, ge=1, description="In-memory store capacity; least recently used is evicted.")
     session_history: int = Field(32, ge=0, description="States kept per session for rewind (0 = rewind off).")

@@ -3,16 +3,17 @@
 The supervisor (this process) binds the listening socket once and hands it to N worker processes
 (`python -m service.worker`), each a complete single-process service — its own ONNX Runtime session,
 batcher and event loop — accepting connections from the same socket. Sessions live in one store every
-worker reads and writes with compare-and-set (service/store/redis.py), so any session can be stepped
-through any worker with the guarantees of one process: exactly-once `if_step`, ordering, rewind, fork,
-expiry, `model_mismatch`. Without a store URL the supervisor starts a private redis-server on a Unix
-socket (no TCP port, no persistence, like the in-memory store) and restarts it if it dies.
+worker reads and writes with compare-and-set, so any session can be stepped through any worker with the
+guarantees of one process: exactly-once `if_step`, ordering, rewind, fork, expiry, `model_mismatch`.
+Without a store URL that store is an LMDB environment in a private directory on /dev/shm
+(service/store/lmdb.py: no server, no persistence, like the in-memory store), removed at exit; with
+CELLGATE_SESSION_STORE=redis://... the workers share that Redis (and with other replicas).
 
 Life cycle: the "Uvicorn running on ..." line is logged once every worker has finished its start-up
 (model loaded and warmed), so whoever waits for it gets a fully ready service. A worker that dies
 after that is replaced (and logged); one that fails during start-up stops everything, because its
 replacement would fail the same way. SIGTERM/SIGINT drain every worker (each refuses new requests and
-closes its WebSockets cleanly, as one process does), then the store is stopped, and the exit status is 0.
+closes its WebSockets cleanly, as one process does), then the store is removed, and the exit status is 0.
 
 Metrics: Prometheus client multiprocess mode in a private directory (see service/metrics.py).
 """
@@ -36,8 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import redis
-
 from service.config import Settings
 
 log = logging.getLogger("cellgate.workers")
@@ -45,6 +44,7 @@ log = logging.getLogger("cellgate.workers")
 # How long a worker may take from spawn to serving (loading and warming the model) before start-up fails.
 STARTUP_TIMEOUT_SECONDS = 120.0
 POLL_SECONDS = 0.5
+RUNTIME_PREFIX = "cellgate-workers-"  # then the supervisor's pid: a directory whose pid is gone is stale
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 WORKER_SETTINGS = "CELLGATE_WORKER_SETTINGS"  # how a worker gets the supervisor's settings (service/worker.py)
 
@@ -63,105 +63,21 @@ def _child_setup() -> None:
 
 
 @dataclass
-class LocalRedis:
-    """A private redis-server on a Unix socket in `directory`: no TCP port, no persistence, supervised."""
-
-    directory: Path
-    executable: str
-    max_memory: str = "0"
-    process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-
-    @property
-    def socket_path(self) -> Path:
-        return self.directory / "redis.sock"
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket_path}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "redis.log"
-
-    def log_tail(self, lines: int = 5) -> str:
-        try:
-            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def start(self, timeout: float = 20.0) -> None:
-        """Start and wait until it answers PING."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        options = {
-            "port": "0",  # Unix socket only
-            "unixsocket": str(self.socket_path),
-            "unixsocketperm": "700",
-            "dir": str(self.directory),
-            "save": "",
-            "appendonly": "no",
-            "daemonize": "no",
-            "loglevel": "warning",
-            "logfile": str(self.log_path),  # its start-up banner is noise; the tail is logged if it dies
-            "maxmemory": self.max_memory,
-            # Over max_memory, drop the least recently used session, as the in-memory store does.
-            "maxmemory-policy": "allkeys-lru",
-        }
-        command = [self.executable, *(item for name, value in options.items() for item in (f"--{name}", value))]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_child_setup
-        )
-        client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=1, socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                if self.process.poll() is not None:
-                    raise StartupFailed(
-                        f"redis-server exited with {self.process.returncode} at start-up: {self.log_tail()}"
-                    )
-                try:
-                    if client.ping():
-                        return
-                except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise StartupFailed(f"redis-server did not answer on {self.socket_path} in {timeout:.0f} s")
-                time.sleep(0.05)
-        finally:
-            client.close()
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def restart_if_dead(self) -> None:
-        """A dead store is replaced at once on the same socket; its sessions are gone (as on a restart)."""
-        if self.process is not None and not self.alive():
-            self.restarts += 1
-            log.error(
-                "the local session store (redis-server) exited with %s (%s); restarting it: its sessions are lost",
-                self.process.returncode,
-                self.log_tail(),
-            )
-            self.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@dataclass
 class Worker:
     index: int
     process: subprocess.Popen[bytes]
     ready_pipe: IO[bytes]  # the worker writes one byte when it serves, and the pipe closes when it exits
     started: bool = False
     started_at: float = field(default_factory=time.monotonic)
+
+
+def _remove_stale_runtimes() -> None:
+    """Directories left by supervisors that died without cleaning up (SIGKILL): their store is memory."""
+    for base in (Path("/dev/shm"), Path(tempfile.gettempdir())):
+        for directory in base.glob(f"{RUNTIME_PREFIX}*"):
+            pid = directory.name.removeprefix(RUNTIME_PREFIX).split("-")[0]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 def resolve_workers(settings: Settings) -> int:
@@ -195,10 +111,14 @@ class Supervisor:
         self.count = workers
         self.workers: list[Worker] = []
         self.stopping = threading.Event()
-        self.runtime = Path(tempfile.mkdtemp(prefix="cellgate-"))
+        _remove_stale_runtimes()
+        shm = Path("/dev/shm")
+        # /dev/shm is memory: the store's pages are never written back to a disk.
+        base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+        self.runtime = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{os.getpid()}-", dir=base))
         self.metrics_dir = self.runtime / "metrics"
         self.metrics_dir.mkdir(mode=0o700)
-        self.store: LocalRedis | None = None
+        self.store_url: str | None = None
         self.env: dict[str, str] = {}
         self.sock: socket.socket | None = None
 
@@ -206,8 +126,8 @@ class Supervisor:
         """What the workers read: these settings exactly (JSON; a worker is a single-process service on the
         shared store), and the metrics directory."""
         changes: dict[str, object] = {"workers": 1}
-        if self.store is not None:
-            changes["session_store"] = self.store.url
+        if self.store_url is not None:
+            changes["session_store"] = self.store_url
         worker_settings = self.settings.model_copy(update=changes)
         return {
             **os.environ,
@@ -274,8 +194,6 @@ class Supervisor:
             self._start()
             while not self.stopping.wait(POLL_SECONDS):
                 self._replace_dead()
-                if self.store is not None:
-                    self.store.restart_if_dead()
             log.info("draining %d workers", len(self.workers))
             return 0
         except StartupFailed as exc:
@@ -289,15 +207,8 @@ class Supervisor:
     def _start(self) -> None:
         settings = self.settings
         if settings.session_store == "memory":
-            executable = shutil.which(settings.local_store_executable)
-            if executable is None:
-                raise StartupFailed(
-                    f"--workers {self.count} shares sessions through a store: install redis-server "
-                    f"({settings.local_store_executable!r} is not on PATH) or set CELLGATE_SESSION_STORE=redis://..."
-                )
-            self.store = LocalRedis(self.runtime / "store", executable, settings.local_store_max_memory)
-            self.store.start()
-            log.info("sessions are shared through a private redis-server on %s", self.store.socket_path)
+            self.store_url = f"lmdb://{self.runtime / 'sessions'}"
+            log.info("sessions are shared through %s", self.store_url)
         self.env = self._environment()
         self.sock = bind(settings.host, settings.port)
         self.workers = [self._spawn(index) for index in range(self.count)]
@@ -321,6 +232,4 @@ class Supervisor:
             worker.ready_pipe.close()
         if self.sock is not None:
             self.sock.close()
-        if self.store is not None:
-            self.store.stop()
         shutil.rmtree(self.runtime, ignore_errors=True)

@@ -1,6 +1,8 @@
-"""The one place that turns (h, C) into bytes and back, and records into Redis hash fields."""
+"""The one place that turns (h, C) into bytes and back, and records into Redis hash fields or one blob."""
 
 from __future__ import annotations
+
+import struct
 
 import numpy as np
 
@@ -85,3 +87,47 @@ def _record_from_fields(fields: dict[bytes, bytes]) -> SessionRecord:
         history=decode_history(fields.get(b"history_steps", b""), fields.get(b"history_states", b"")),
         history_tokens=tuple(np.frombuffer(fields.get(b"history_tokens", b""), dtype="<i4").tolist()),
     )
+
+
+# One blob (service/store/lmdb.py): a fixed header (revision, last_used_at) that a compare-and-set or an
+# expiry sweep reads without decoding the rest, then record_to_fields' fields in order, each prefixed by
+# its uint32 length.
+BLOB_HEADER = struct.Struct("<qd")  # revision, last_used_at
+BLOB_FIELDS = (
+    "session_id", "owner", "model_version", "step", "revision", "state", "created_at", "last_used_at",
+    "last_request", "last_response", "history_steps", "history_states", "history_tokens",
+)  # fmt: skip
+_LENGTH = struct.Struct("<I")
+
+
+def record_to_blob(record: SessionRecord) -> bytes:
+    """The record as one bytes value: BLOB_HEADER, then each field of record_to_fields length-prefixed."""
+    fields = record_to_fields(record)
+    parts = [BLOB_HEADER.pack(record.revision, record.last_used_at)]
+    for name in BLOB_FIELDS:
+        value = fields[name]
+        parts += [_LENGTH.pack(len(value)), value]
+    return b"".join(parts)
+
+
+def blob_header(blob: bytes | memoryview) -> tuple[int, float]:
+    """(revision, last_used_at) of a blob, from its first bytes alone."""
+    revision, last_used_at = BLOB_HEADER.unpack_from(blob)
+    return int(revision), float(last_used_at)
+
+
+def record_from_blob(blob: bytes | memoryview) -> SessionRecord:
+    """The record from record_to_blob's bytes (or a view of them); raises RecordFormatError if they are not one."""
+    try:
+        fields: dict[bytes, bytes] = {}
+        offset = BLOB_HEADER.size
+        for name in BLOB_FIELDS:
+            (length,) = _LENGTH.unpack_from(blob, offset)
+            offset += _LENGTH.size
+            if offset + length > len(blob):
+                raise ValueError(f"field {name} runs past the end")
+            fields[name.encode()] = bytes(blob[offset : offset + length])
+            offset += length
+    except (struct.error, ValueError) as exc:
+        raise RecordFormatError(f"unreadable session record: {exc!r}") from exc
+    return record_from_fields(fields)

@@ -1,4 +1,5 @@
-"""The SessionStore contract, run against MemoryStore and RedisStore alike, and Redis's own guarantees."""
+"""The SessionStore contract, run against MemoryStore, RedisStore and LmdbStore alike, and each one's own
+guarantees."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 
 from service.config import Settings
 from service.errors import ModelMismatch, StoreUnavailable
-from service.store.base import SessionRecord, SessionStore, Snapshot
+from service.store.base import SessionRecord, SessionStore, Snapshot, StoreEvents
 from service.store.codec import record_to_fields
+from service.store.lmdb import LmdbStore
 from service.store.memory import MemoryStore
 from service.store.redis import REPLACE_SCRIPT, RedisStore
 from tests.redis_server import RedisServer, free_port, running_redis
@@ -31,11 +33,14 @@ def redis_settings(url: str, ttl: float = 60.0) -> Settings:
     )
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "lmdb"])
 def make_store(request: pytest.FixtureRequest) -> StoreFactory:
     """A factory (call it inside the event loop that uses the store) for each backend, on an empty store."""
     if request.param == "memory":
         return lambda ttl: MemoryStore(ttl_seconds=ttl, max_sessions=1000)
+    if request.param == "lmdb":
+        directory: Path = request.getfixturevalue("tmp_path") / "lmdb"
+        return lambda ttl: LmdbStore(directory, ttl, max_sessions=1000, map_size=1 << 26)
     server: RedisServer = request.getfixturevalue("redis_server")
     server.client().flushdb()
     return lambda ttl: RedisStore(redis_settings(server.url, ttl))
@@ -300,3 +305,50 @@ def test_unreachable_and_paused_redis_fail_fast_with_store_unavailable(tmp_path:
                 await store.close()
 
         asyncio.run(paused())
+
+
+# ----- LMDB specifics ---------------------------------------------------------------------------------
+
+
+def test_the_lmdb_sweep_drops_the_expired_then_the_least_recently_written(tmp_path: Path) -> None:
+    now = [1000.0]
+    ended: list[str] = []
+    events = StoreEvents(ended=ended.append)
+    store = LmdbStore(tmp_path / "lmdb", 10.0, max_sessions=2, map_size=1 << 26, events=events, clock=lambda: now[0])
+
+    async def scenario() -> None:
+        old, older, newer, newest = (record(last_used_at=t) for t in (980.0, 995.0, 996.0, 999.0))
+        for r in (old, older, newer, newest):
+            await store.create(r)
+        assert await store.count() == 4
+        assert store.sweep() == 2  # `old` is idle > 10 s; of the three live, the least recently written goes
+        assert sorted(ended) == ["evicted_capacity", "expired"]
+        assert await store.get(older.session_id) is None
+        assert await store.get(newer.session_id) == newer
+        assert await store.get(newest.session_id) == newest
+        now[0] = 1007.0  # newer is now idle 11 s: a read finds it expired and removes it
+        assert await store.get(newer.session_id) is None
+        assert ended[-1] == "expired"
+        assert await store.count() == 1
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(store.close())
+
+
+def test_a_full_lmdb_store_is_store_unavailable_and_keeps_what_it_had(tmp_path: Path) -> None:
+    store = LmdbStore(tmp_path / "lmdb", 60.0, max_sessions=100, map_size=1 << 20)
+
+    async def scenario() -> None:
+        kept = record()
+        await store.create(kept)
+        big = record(state=bytes(2_000_000), history=())  # twice the whole map
+        with pytest.raises(StoreUnavailable):
+            await store.create(big)
+        assert await store.get(kept.session_id) == kept
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(store.close())

@@ -1,7 +1,7 @@
 """`cellgate serve --workers 2`: test_faults.py's scenarios with two workers of ONE server instead of two
 replicas — any session through any worker equals one process bit for bit, a raced if_step applies
 once, a worker killed mid-stream is replaced while its sessions go on elsewhere, a Redis restart,
-the supervised local store dying, SIGTERM draining every worker, and per-worker metrics.
+the private LMDB store removed at exit, SIGTERM draining every worker, and per-worker metrics.
 
 A keep-alive connection stays on the worker that accepted it, so a client with one connection is
 pinned to one worker; which one is read from the access log (every line names its worker).
@@ -220,29 +220,25 @@ def test_a_killed_worker_is_replaced_and_its_sessions_go_on(tiny_bundle: Path, w
     asyncio.run(scenario())
 
 
-def test_the_supervised_store_is_restarted_when_it_dies(tiny_bundle: Path) -> None:
-    """No store URL: the supervisor's own redis-server. Killed, it comes back (its sessions do not)."""
-    with running_server(tiny_bundle, {"CELLGATE_WORKERS": "2", "CELLGATE_ACCESS_LOG": "false"}) as server:
-        sid = httpx.post(f"{server.url}/v1/sessions", json={"text": "i stay in"}).json()["session_id"]
-        [store] = [p for p in descendants(server.pid) if b"redis-server" in Path(f"/proc/{p}/cmdline").read_bytes()]
-        os.kill(store, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{server.url}/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "the store never came back"
-            time.sleep(0.1)
-        gone = httpx.post(f"{server.url}/v1/sessions/{sid}/steps", json={"text": "india"})
-        assert gone.status_code == 404
-        assert error_code(gone) == "session_not_found"
-        assert httpx.post(f"{server.url}/v1/sessions", json={"text": "i"}).status_code == 201
-        assert any("restarting it: its sessions are lost" in line for line in server.log)
-
-
-def test_without_redis_server_it_says_how_to_share_sessions(tiny_bundle: Path) -> None:
-    env = {"CELLGATE_WORKERS": "2", "CELLGATE_LOCAL_STORE_EXECUTABLE": "no-such-redis-server"}
-    with pytest.raises(RuntimeError, match="exited with 1") as failed:
-        start_server(tiny_bundle, env, timeout=60)
-    assert "install redis-server" in str(failed.value)
-    assert "CELLGATE_SESSION_STORE" in str(failed.value)
+def test_without_a_store_url_the_workers_share_a_private_lmdb_removed_at_exit(tiny_bundle: Path) -> None:
+    stale = Path("/dev/shm") / "cellgate-workers-999999999-left"  # a supervisor that died by SIGKILL
+    stale.mkdir(exist_ok=True)
+    server = start_server(tiny_bundle, {"CELLGATE_WORKERS": "2", "CELLGATE_ACCESS_LOG": "false"})
+    try:
+        assert not stale.exists()
+        [line] = [line for line in server.log if "sessions are shared through lmdb://" in line]
+        directory = Path(json.loads(line)["message"].split("lmdb://")[1])
+        assert directory.is_dir()
+        assert directory.parent.stat().st_mode & 0o777 == 0o700
+        session = httpx.post(f"{server.url}/v1/sessions", json={"text": "i stay in"})
+        assert session.status_code == 201
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0
+        assert not directory.parent.exists()
+    finally:
+        server.stop()
+        if stale.exists():
+            stale.rmdir()
 
 
 def test_sigterm_drains_every_worker_and_exits_0(tiny_bundle: Path) -> None:
@@ -250,7 +246,7 @@ def test_sigterm_drains_every_worker_and_exits_0(tiny_bundle: Path) -> None:
     server = start_server(tiny_bundle, env)
     try:
         children = descendants(server.pid)
-        assert len(children) == 3  # two workers and the store
+        assert len(children) == 2
         sessions = [httpx.post(f"{server.url}/v1/sessions", json={"text": "i stay in"}).json() for _ in range(2)]
         with ws_connect_sync(
             server.url.replace("http", "ws") + f"/v1/sessions/{sessions[0]['session_id']}/stream"
@@ -272,7 +268,7 @@ def test_sigterm_drains_every_worker_and_exits_0(tiny_bundle: Path) -> None:
             assert closed.value.rcvd.code == 1001
         reader.join(30)
         assert not reader.is_alive()
-        assert [e for e, _ in events] == ["word"] * 12 + ["done"]  # the store outlived the drain
+        assert [e for e, _ in events] == ["word"] * 12 + ["done"]
         assert server.process.wait(30) == 0
         assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
     finally:
