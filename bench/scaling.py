@@ -3,8 +3,8 @@ worker processes on this machine, alternating, with the cost of the shared sessi
 
 For each worker count the same wrk load (bench/serve.py's: N sessions, one word per request, k=5) runs
 against `cellgate serve --workers N` and against the floor app under `uvicorn --workers N` — the floor
-run the same way. A further configuration, one worker on a Redis store, isolates what sharing sessions
-costs per step (`--workers N > 1` always uses one). Every configuration runs once per round and the order
+run the same way. Two further configurations, one worker on the LMDB store that `--workers N > 1` uses
+and one on a Redis store, isolate what sharing sessions costs per step. Every configuration runs once per round and the order
 swaps each round, so the shared machine's background load falls on all alike. CPU is read per process
 from /proc: the supervisor, each worker, the store.
 """
@@ -94,7 +94,7 @@ def run(bundle: Path, workers: list[int], sessions: int, seconds: float, rounds:
     from bench.serve import _sessions, _wrk
 
     configs = [(f"cellgate x{n}", "cellgate", n) for n in workers]
-    configs += [("cellgate x1 redis", "cellgate-redis", 1)]
+    configs += [("cellgate x1 lmdb", "cellgate-lmdb", 1), ("cellgate x1 redis", "cellgate-redis", 1)]
     configs += [(f"floor x{n}", "floor", n) for n in workers]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cellgate-bench-") as scratch:
@@ -107,7 +107,8 @@ def run(bundle: Path, workers: list[int], sessions: int, seconds: float, rounds:
                     if kind == "floor":
                         server = _floor(count)
                     else:
-                        server = _cellgate(bundle, count, redis.url if kind == "cellgate-redis" else None)
+                        stores = {"cellgate-redis": redis.url, "cellgate-lmdb": f"lmdb://{scratch}/lmdb-{round_index}"}
+                        server = _cellgate(bundle, count, stores.get(kind))
                     try:
                         ids = _sessions(server.url, sessions)
                         _wrk(server.url, ids, sessions, min(3.0, seconds))  # warm-up (and the floor's workers)

@@ -181,6 +181,11 @@ def bench_model(
     server = _uvicorn("bench.floor_app:app")
     try:
         report["floor_http"] = _measure_http(server, sessions, seconds, batching=False)
+        floor_ws = [sys.executable, "-m", "bench.ws_load", "--url", server.url, "--sessions", str(sessions)]
+        ws = subprocess.run(
+            [*floor_ws, "--seconds", str(seconds)], capture_output=True, text=True, timeout=seconds + 180, check=True
+        )
+        report["floor_websocket"] = json.loads(ws.stdout.strip().splitlines()[-1])
     finally:
         server.stop()
 
@@ -221,6 +226,8 @@ def bench_model(
     http = report["cellgate_http"]["req_per_second"]
     report["ratios"] = {
         "vs_floor": http / report["floor_http"]["req_per_second"],
+        "websocket_vs_floor": report["cellgate_websocket"]["words_per_second"]
+        / report["floor_websocket"]["words_per_second"],
         "vs_naive": http / report["naive_http"]["req_per_second"] if "naive_http" in report else None,
     }
     return report
@@ -229,7 +236,8 @@ def bench_model(
 def markdown(results: list[dict[str, Any]]) -> str:
     rows = [
         "| model | cellgate req/s | floor req/s | naive req/s | vs floor | vs naive | p50 / p95 / p99 ms (max load) "
-        "| p99 ms at half load | WS words/s | bytes / idle session | bytes / session, full history | wrk CPU |",
+        "| p99 ms at half load | WS words/s (of the echo floor) | bytes / idle session "
+        "| bytes / session, full history | wrk CPU |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -244,7 +252,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"| {r['ratios']['vs_floor']:.0%} | {vs_naive:.1f}× "
             f"| {h['p50_ms']:.1f} / {h['p95_ms']:.1f} / {h['p99_ms']:.1f} "
             f"| {half['p99_ms']:.1f} ({half['req_per_second']:.0f} req/s) "
-            f"| {r['cellgate_websocket']['words_per_second']:.0f} | {r['idle_sessions']['bytes_per_session']:.0f} "
+            f"| {r['cellgate_websocket']['words_per_second']:.0f} "
+            f"({r['ratios']['websocket_vs_floor']:.0%} of {r['floor_websocket']['words_per_second']:.0f}) "
+            f"| {r['idle_sessions']['bytes_per_session']:.0f} "
             f"| {r['history_sessions']['bytes_per_session']:.0f} "
             f"| {h['loadgen_cpu_cores']:.2f} cores |"
         )
