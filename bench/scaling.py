@@ -4,9 +4,9 @@ worker processes on this machine, alternating, with the cost of the shared sessi
 For each worker count the same wrk load (bench/serve.py's: N sessions, one word per request, k=5) runs
 against `cellgate serve --workers N` and against the floor app under `uvicorn --workers N` — the floor
 run the same way. Two further configurations, one worker on the LMDB store that `--workers N > 1` uses
-and one on a Redis store, isolate what sharing sessions costs per step. Every configuration runs once per round and the order
-swaps each round, so the shared machine's background load falls on all alike. CPU is read per process
-from /proc: the supervisor, each worker, the store.
+and one on a Redis store, isolate what sharing sessions costs per step. Every configuration runs once per
+round and the order swaps each round, so the shared machine's background load falls on all alike. CPU is
+read per process from /proc: the supervisor, each worker, the store.
 """
 
 from __future__ import annotations
