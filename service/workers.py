@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -50,13 +50,13 @@ WORKER_SETTINGS = "CELLGATE_WORKER_SETTINGS"  # how a worker gets the supervisor
 
 
 class StartupFailed(RuntimeError):
-    """A worker or the local store could not start; the message says why."""
+    """The socket could not be bound or a worker could not start; the message says why."""
 
 
 def _child_setup() -> None:
-    """In each child before exec: SIGTERM when the supervisor dies (even by SIGKILL), so that neither a
-    worker nor the store outlives it. Children run in their own session (start_new_session), so a Ctrl-C
-    or a process-group signal reaches only the supervisor, which drains the workers before the store."""
+    """In each worker before exec: SIGTERM when the supervisor dies (even by SIGKILL), so that no worker
+    outlives it and keeps serving the port. Workers run in their own session (start_new_session), so a
+    Ctrl-C or a process-group signal reaches only the supervisor, which then drains them in order."""
     libc = ctypes.util.find_library("c")
     if libc:
         ctypes.CDLL(libc, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -67,8 +67,6 @@ class Worker:
     index: int
     process: subprocess.Popen[bytes]
     ready_pipe: IO[bytes]  # the worker writes one byte when it serves, and the pipe closes when it exits
-    started: bool = False
-    started_at: float = field(default_factory=time.monotonic)
 
 
 def _remove_stale_runtimes() -> None:
@@ -167,7 +165,6 @@ class Supervisor:
                 ready: Worker = key.data
                 if not ready.ready_pipe.read(1):
                     raise StartupFailed(f"worker {ready.index} exited during start-up ({ready.process.wait()})")
-                ready.started = True
                 selector.unregister(ready.ready_pipe)
                 pending -= 1
         selector.close()
