@@ -7,7 +7,8 @@
 Both servers run the same bundle's step graph through the same Runner (bench/triton_lm.py is cellgate's
 Runner inside Triton's python backend), one word per request, k=5, and are driven by the same wrk
 driver (bench/wrk.py) with the same number of keep-alive connections and the same number of stateful
-sequences: cellgate through `POST /v1/sessions/{id}/steps`, Triton through its v2 HTTP infer with
+sequences: cellgate through `POST /v1/sessions/{id}/steps` (or, with `--cellgate-api v2`, its own Open
+Inference v2 endpoint with the same sequence parameters), Triton through its v2 HTTP infer with
 `parameters.sequence_id`. Both stay up for the whole run and are measured in turn (the order swaps
 every round), so that the shared machine's background load falls on both alike; the ratio is taken
 per round. `--tune` first runs a short sweep of Triton's knobs and keeps its best for the comparison.
@@ -35,6 +36,7 @@ from bench import triton_server, wrk
 from bench.models import ensure_demo, ensure_realistic
 from bench.procs import ServerProcess, start_process, tree_cpu_seconds
 from bench.triton_server import TritonProcess, TritonTuning, parse_tuning
+from export.bundle import load_bundle
 
 PRIME = "i stay in india ."
 WORD = "the"
@@ -54,13 +56,16 @@ SWEEP = (
 )
 
 
-def _triton_body(sequence_id: int, text: str, start: bool = False) -> str:
-    return json.dumps(
-        {
-            "parameters": {"sequence_id": sequence_id, "sequence_start": start, "sequence_end": False},
-            "inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": [text]}],
-        }
-    )
+def _triton_body(sequence_id: int, text: str, start: bool = False, k: int | None = None) -> str:
+    """A v2 infer request of one sequence; with k, cellgate's own inputs (TEXT [1] and K) instead of the peer's."""
+    inputs: list[dict[str, Any]] = [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]
+    if k is not None:
+        inputs = [
+            {"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": [text]},
+            {"name": "K", "shape": [1], "datatype": "INT32", "data": [k]},
+        ]
+    parameters = {"sequence_id": sequence_id, "sequence_start": start, "sequence_end": False}
+    return json.dumps({"parameters": parameters, "inputs": inputs})
 
 
 async def _each(url: str, calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -79,8 +84,14 @@ async def _each(url: str, calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(one(p, b) for p, b in calls)))
 
 
-def cellgate_requests(url: str, count: int) -> list[tuple[str, str]]:
-    """`count` sessions primed with PRIME; one step request per session."""
+def cellgate_requests(url: str, count: int, api: str, model: str) -> list[tuple[str, str]]:
+    """`count` sessions primed with PRIME; one step request per session: /v1 session steps, or cellgate's own
+    Open Inference v2 endpoint with Triton's sequence parameters (the very body Triton gets, plus K)."""
+    if api == "v2":
+        path = f"/v2/models/{model}/infer"
+        ids = range(1, count + 1)
+        asyncio.run(_each(url, [(path, _triton_body(i, PRIME, start=True, k=5)) for i in ids]))
+        return [(path, _triton_body(i, WORD, k=5)) for i in ids]
     created = asyncio.run(_each(url, [("/v1/sessions", json.dumps({"text": PRIME}))] * count))
     return [(f"/v1/sessions/{c['session_id']}/steps", STEP_BODY) for c in created]
 
@@ -143,7 +154,13 @@ def tune(bundle: Path, connections: int, seconds: float, candidates: tuple[str, 
 
 
 def compare(
-    bundle: Path, tuning: TritonTuning, workers: int, rounds: int, seconds: float, connections: list[int]
+    bundle: Path,
+    tuning: TritonTuning,
+    workers: int,
+    rounds: int,
+    seconds: float,
+    connections: list[int],
+    api: str = "v1",
 ) -> dict[str, Any]:
     env = {"CELLGATE_BUNDLE": str(bundle), "CELLGATE_PORT": "0", "CELLGATE_WORKERS": str(workers)}
     cellgate = start_process([sys.executable, "-m", "cellgate.cli", "serve"], env)
@@ -152,7 +169,7 @@ def compare(
         triton = triton_server.start(bundle, tuning)
         agreement = check_same_answer(cellgate, triton)
         most = max(connections)
-        ours = cellgate_requests(cellgate.url, most)
+        ours = cellgate_requests(cellgate.url, most, api, load_bundle(bundle).name)
         theirs = triton_requests(triton.url, most, 1)
         for url, requests in ((cellgate.url, ours), (triton.url, theirs)):
             wrk.run(url, requests, most, 2.0)  # warm-up: lazy initialisation, allocator, caches
@@ -234,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each measured wrk run")
     parser.add_argument("--connections", default="256,64", help="comma-separated; one sequence per connection")
     parser.add_argument("--workers", type=int, default=1, help="cellgate serve --workers")
+    parser.add_argument(
+        "--cellgate-api", choices=["v1", "v2"], default="v1", help="cellgate's session steps, or its v2 infer"
+    )
     parser.add_argument("--triton", default="", help="Triton settings, e.g. preferred=16/32/64,instances=2")
     parser.add_argument("--tune", action="store_true", help="sweep Triton's settings first and use its best")
     parser.add_argument("--out", default="bench/results/peer.json")
@@ -262,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Triton's best: {tuning.label()}", flush=True)
     payload["triton_tuning"] = asdict(tuning)
     payload["workers"] = args.workers
-    payload.update(compare(bundle, tuning, args.workers, args.rounds, args.seconds, connections))
+    payload["cellgate_api"] = args.cellgate_api
+    payload.update(compare(bundle, tuning, args.workers, args.rounds, args.seconds, connections, args.cellgate_api))
     payload["wall_seconds"] = time.perf_counter() - started
     table = markdown(payload["summary"], args.workers, tuning)
     print(table)

@@ -8,7 +8,7 @@ on a memory-mapped B-tree cost ~0.1 ms, with no server process to supervise. LMD
 across processes with its own lock and lets readers run beside them; each operation here is one
 short transaction, run inline (microseconds, so the event loop never waits for long).
 
-Layout: key = session id, value = codec.record_to_blob (a fixed header with the revision and the
+Layout: database `sessions`, key = session id, value = codec.record_to_blob (a fixed header with the revision and the
 last write's time, then the fields). Expiry: a record idle for ttl_seconds is gone on its next read,
 and a sweep (one worker at a time, under a file lock) removes the expired and, over max_sessions,
 the least recently written. Durability: none (sync off), like the in-memory store: the environment
@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,13 +30,14 @@ from typing import Any
 import lmdb
 
 from service.errors import ModelMismatch, StoreUnavailable
-from service.store.base import SessionRecord, SessionStore, StoreEvents
+from service.store.base import Lost, SessionRecord, SessionStore, StoreEvents
 from service.store.codec import RecordFormatError, blob_header, record_from_blob, record_to_blob
 
 log = logging.getLogger("cellgate.store")
 
 SCHEME = "lmdb://"
 SWEEP_BATCH = 1000  # expired keys deleted per write transaction, so writers never wait long
+LOST_HEADER = struct.Struct("<d")  # when the session ended (Unix seconds)
 
 
 def path_of(url: str) -> Path:
@@ -64,8 +66,19 @@ class LmdbStore(SessionStore):
         # sync/metasync off: nothing is flushed to disk (the data lives as long as the service, as in memory);
         # readahead off: random access to small records.
         self._env = lmdb.open(
-            str(path), map_size=map_size, sync=False, metasync=False, readahead=False, meminit=False, max_readers=512
+            str(path),
+            map_size=map_size,
+            sync=False,
+            metasync=False,
+            readahead=False,
+            meminit=False,
+            max_readers=512,
+            max_dbs=2,
         )
+        self._sessions = self._env.open_db(b"sessions")
+        # Sessions that expired or were evicted, for one more TTL (as the in-memory store keeps them): key =
+        # session id, value = LOST_HEADER (when) + reason + NUL + owner.
+        self._lost = self._env.open_db(b"lost")
         self._sweeper: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
@@ -89,7 +102,7 @@ class LmdbStore(SessionStore):
         key = session_id.encode()
         try:
             with self._txn(buffers=True) as txn:  # decoded inside the read: each field is copied once
-                blob = txn.get(key)
+                blob = txn.get(key, db=self._sessions)
                 if blob is None:
                     return None
                 revision, last_used_at = blob_header(blob)
@@ -98,42 +111,61 @@ class LmdbStore(SessionStore):
         except (RecordFormatError, ValueError) as exc:
             log.warning("session %s: %s", session_id, exc)
             raise ModelMismatch(f"session {session_id!r} holds a record this server cannot read") from None
-        if self._delete_if(key, revision):
-            self.events.ended("expired")
+        self._end_if(key, revision, "expired")
         return None
 
     async def create(self, record: SessionRecord) -> None:
         with self._txn(write=True) as txn:
-            txn.put(record.session_id.encode(), record_to_blob(record))
+            txn.put(record.session_id.encode(), record_to_blob(record), db=self._sessions)
+            txn.delete(record.session_id.encode(), db=self._lost)
 
     async def replace(self, record: SessionRecord, expected_revision: int) -> bool:
         blob = record_to_blob(record)  # encoded outside the write lock
         with self._txn(write=True, buffers=True) as txn:  # the stored revision is read in place, not copied
-            current = txn.get(record.session_id.encode())
+            current = txn.get(record.session_id.encode(), db=self._sessions)
             if current is None or blob_header(current)[0] != expected_revision:
                 return False
-            txn.put(record.session_id.encode(), blob)
+            txn.put(record.session_id.encode(), blob, db=self._sessions)
             return True
 
-    def _delete_if(self, key: bytes, revision: int) -> bool:
-        """Delete key if it still holds `revision` (an expired record nobody rewrote meanwhile)."""
+    def _end_if(self, key: bytes, revision: int, reason: str) -> None:
+        """End a session that still holds `revision` (nobody rewrote it meanwhile): remember how, report it."""
         with self._txn(write=True, buffers=True) as txn:
-            current = txn.get(key)
-            if current is None or blob_header(current)[0] != revision:
-                return False
-            return bool(txn.delete(key))
+            self._end(txn, key, revision, reason)
+
+    def _end(self, txn: Any, key: bytes, revision: int, reason: str) -> bool:
+        current = txn.get(key, db=self._sessions)
+        if current is None or blob_header(current)[0] != revision:
+            return False
+        owner = record_from_blob(current).owner
+        txn.delete(key, db=self._sessions)
+        txn.put(key, LOST_HEADER.pack(self._clock()) + reason.encode() + b"\0" + owner.encode(), db=self._lost)
+        self.events.ended(reason)
+        return True
 
     async def delete(self, session_id: str) -> bool:
         with self._txn(write=True) as txn:
-            return bool(txn.delete(session_id.encode()))
+            txn.delete(session_id.encode(), db=self._lost)
+            return bool(txn.delete(session_id.encode(), db=self._sessions))
+
+    async def lost(self, session_id: str) -> Lost | None:
+        with self._txn() as txn:
+            value = txn.get(session_id.encode(), db=self._lost)
+        if value is None:
+            return None
+        (ended_at,) = LOST_HEADER.unpack_from(value)
+        if self._clock() - ended_at > self.ttl_seconds:
+            return None
+        reason, _, owner = value[LOST_HEADER.size :].partition(b"\0")
+        return Lost(reason.decode(), owner.decode())
 
     async def ping(self) -> None:
         with self._txn() as txn:
-            txn.stat()
+            txn.stat(self._sessions)
 
     async def count(self) -> int:
         with self._txn() as txn:
-            entries: int = txn.stat()["entries"]
+            entries: int = txn.stat(self._sessions)["entries"]
             return entries
 
     def sweep(self) -> int:
@@ -145,7 +177,7 @@ class LmdbStore(SessionStore):
         expired: list[tuple[bytes, int]] = []
         live: list[tuple[float, bytes, int]] = []
         with self._txn(buffers=True) as txn:  # memoryviews into the map: no record is copied
-            for key, value in txn.cursor():
+            for key, value in txn.cursor(db=self._sessions):
                 revision, last_used_at = blob_header(value)
                 if self._expired(last_used_at, now):
                     expired.append((bytes(key), revision))
@@ -158,10 +190,15 @@ class LmdbStore(SessionStore):
             for start in range(0, len(victims), SWEEP_BATCH):
                 with self._txn(write=True, buffers=True) as txn:
                     for key, revision in victims[start : start + SWEEP_BATCH]:
-                        current = txn.get(key)
-                        if current is not None and blob_header(current)[0] == revision and txn.delete(key):
-                            self.events.ended(reason)
-                            removed += 1
+                        removed += self._end(txn, key, revision, reason)
+        with self._txn(buffers=True) as txn:  # the memory of lost sessions lasts one TTL
+            old = [
+                bytes(k) for k, v in txn.cursor(db=self._lost) if now - LOST_HEADER.unpack_from(v)[0] > self.ttl_seconds
+            ]
+        for start in range(0, len(old), SWEEP_BATCH):
+            with self._txn(write=True) as txn:
+                for key in old[start : start + SWEEP_BATCH]:
+                    txn.delete(key, db=self._lost)
         return removed
 
     def _sweep_if_first(self) -> None:
