@@ -102,9 +102,10 @@ async def ready(request: Request) -> dict[str, bool]:
     return {"ready": True}
 
 
-def _model(request: Request, name: str, version: str | None = None) -> ServedModel:
-    caller(request)
-    return catalog(request).get(name, version)
+def _model(request: Request, name: str, version: str | None = None) -> tuple[Caller, ServedModel]:
+    """The caller (authenticated and rate-limited once per request) and the model it names."""
+    ctx = caller(request)
+    return ctx, catalog(request).get(name, version)
 
 
 def _metadata(model: ServedModel) -> v2.ModelMetadata:
@@ -115,12 +116,12 @@ def _metadata(model: ServedModel) -> v2.ModelMetadata:
 
 @router.get("/models/{model_name}", response_model=v2.ModelMetadata, responses=ERRORS, summary="Model metadata")
 async def model_metadata(request: Request, model_name: str) -> v2.ModelMetadata:
-    return _metadata(_model(request, model_name))
+    return _metadata(_model(request, model_name)[1])
 
 
 @router.get("/models/{model_name}/versions/{model_version}", response_model=v2.ModelMetadata, responses=ERRORS)
 async def version_metadata(request: Request, model_name: str, model_version: str) -> v2.ModelMetadata:
-    return _metadata(_model(request, model_name, model_version))
+    return _metadata(_model(request, model_name, model_version)[1])
 
 
 async def _model_ready(request: Request, model: ServedModel) -> dict[str, Any]:
@@ -132,12 +133,12 @@ async def _model_ready(request: Request, model: ServedModel) -> dict[str, Any]:
 
 @router.get("/models/{model_name}/ready", responses=ERRORS, summary="Model readiness")
 async def model_ready(request: Request, model_name: str) -> dict[str, Any]:
-    return await _model_ready(request, _model(request, model_name))
+    return await _model_ready(request, _model(request, model_name)[1])
 
 
 @router.get("/models/{model_name}/versions/{model_version}/ready", responses=ERRORS)
 async def version_ready(request: Request, model_name: str, model_version: str) -> dict[str, Any]:
-    return await _model_ready(request, _model(request, model_name, model_version))
+    return await _model_ready(request, _model(request, model_name, model_version)[1])
 
 
 def _config(request: Request, model: ServedModel) -> dict[str, Any]:
@@ -156,12 +157,12 @@ def _config(request: Request, model: ServedModel) -> dict[str, Any]:
 
 @router.get("/models/{model_name}/config", responses=ERRORS, summary="Model configuration (Triton)")
 async def model_config(request: Request, model_name: str) -> dict[str, Any]:
-    return _config(request, _model(request, model_name))
+    return _config(request, _model(request, model_name)[1])
 
 
 @router.get("/models/{model_name}/versions/{model_version}/config", responses=ERRORS)
 async def version_config(request: Request, model_name: str, model_version: str) -> dict[str, Any]:
-    return _config(request, _model(request, model_name, model_version))
+    return _config(request, _model(request, model_name, model_version)[1])
 
 
 @router.post(
@@ -172,7 +173,7 @@ async def version_config(request: Request, model_name: str, model_version: str) 
     summary="Inference; parameters.sequence_id/sequence_start/sequence_end for a stateful sequence",
 )
 async def infer(request: Request, model_name: str) -> Response:
-    return await _infer(request, _model(request, model_name))
+    return await _infer(request, *_model(request, model_name))
 
 
 @router.post(
@@ -182,11 +183,10 @@ async def infer(request: Request, model_name: str) -> Response:
     openapi_extra=INFER_BODY,
 )
 async def version_infer(request: Request, model_name: str, model_version: str) -> Response:
-    return await _infer(request, _model(request, model_name, model_version))
+    return await _infer(request, *_model(request, model_name, model_version))
 
 
-async def _infer(request: Request, model: ServedModel) -> Response:
-    ctx = caller(request)
+async def _infer(request: Request, ctx: Caller, model: ServedModel) -> Response:
     body = _decoded(await request.body(), request.headers.get("content-encoding"), ctx.settings.max_body_bytes)
     parsed, tensors = v2.parse_request(body, request.headers.get(v2.HEADER_LENGTH))
     feed, k, batched = _inputs(tensors)

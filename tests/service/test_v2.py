@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import openai
 import pytest
 import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
@@ -299,10 +300,10 @@ def test_protocol_errors_and_metrics(server: ServerProcess, client: triton.Infer
     assert put.status_code == 405
     assert set(put.json()) == {"error"}
     assert httpx.get(f"{server.url}/v2/nothing").json() == {"error": "Not Found"}
-    infer(client, model, "i", sequence_id=4242, sequence_start=True)
+    infer(client, model, "i", sequence_id="sequence-ids-are-no-labels", sequence_start=True)
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'route="/v2/models/{model_name}/infer"' in metrics
-    assert "4242" not in metrics
+    assert "sequence-ids-are-no-labels" not in metrics
     assert 'cellgate_errors_total{code="sequence_not_started"}' in metrics
 
 
@@ -340,3 +341,19 @@ def test_expired_sequences_say_so(tiny_bundle: Path, redis_server: RedisServer, 
         assert "expired" not in never.message()
         assert infer(c, model, "i stay in", sequence_id=31, sequence_start=True)["step"] == 3  # START begins again
         assert 'cellgate_errors_total{code="sequence_expired"} 1.0' in httpx.get(f"{server.url}/metrics").text
+
+
+def test_one_request_is_one_token_of_the_shared_rate_limit(tiny_bundle: Path, model: str) -> None:
+    """Both protocols draw on the caller's bucket once per request, and refuse in their own shapes."""
+    env = {"CELLGATE_RATE_LIMIT_PER_SECOND": "0.001", "CELLGATE_RATE_LIMIT_BURST": "3"}
+    with running_server(tiny_bundle, env) as server, client_of(server) as c:
+        for _ in range(3):
+            infer(c, model, "i stay in")
+        refused = raw_infer(server, model, {"inputs": [text_tensor(["i"])]})
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1"
+        assert set(refused.json()) == {"error"}
+        oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0)
+        with oai, pytest.raises(openai.RateLimitError) as caught:
+            oai.completions.create(model=model, prompt="i")
+        assert caught.value.code == "rate_limited"
