@@ -7,9 +7,11 @@ is per request), while these are attribute lookups and one key check.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,3 +82,19 @@ def catalog(request: Request) -> Catalog:
 def json_reply(reply: Reply, status_code: int = 200) -> Response:
     """Send a reply's JSON as serialized once by the SessionManager (no second validation pass)."""
     return Response(reply.body, status_code=status_code, media_type="application/json")
+
+
+async def event_pump(
+    produce: Callable[[asyncio.Queue[bytes | None]], Coroutine[Any, Any, None]],
+) -> AsyncIterator[bytes]:
+    """Yield what `produce` puts on its queue until it puts None; a client that goes away cancels it."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+    task = asyncio.create_task(produce(queue))
+    try:
+        while (item := await queue.get()) is not None:
+            yield item
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -10,7 +10,6 @@ each of their requests into a 404.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
 import time
@@ -21,7 +20,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 
 from service.catalog import ServedModel
-from service.deps import Caller, caller, catalog
+from service.deps import Caller, caller, catalog, event_pump
 from service.errors import ValidationFailed, render
 from service.protocols import openai as wire
 from service.sampling import GenerateOptions, SampledWord
@@ -149,13 +148,12 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     """One chunk per word as soon as no stop sequence can still swallow it, a last chunk per choice with its
     finish_reason, the usage if asked for, then [DONE]. An error mid-stream is a chunk {"error": ...}."""
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
 
     def chunk(index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> bytes:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return format_sse_event(data_str=json.dumps({**head, "choices": [choice]}))
 
-    async def run() -> None:
+    async def run(queue: asyncio.Queue[bytes | None]) -> None:
         done: list[Continuation] = []
         try:
             for index, prompt in enumerate(prompts):
@@ -179,12 +177,5 @@ async def _stream(
             await queue.put(format_sse_event(data_str="[DONE]"))
             await queue.put(None)
 
-    task = asyncio.create_task(run())
-    try:
-        while (item := await queue.get()) is not None:
-            yield item
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async for item in event_pump(run):
+        yield item

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Path, Request, Response, status
 from fastapi.sse import EventSourceResponse, format_sse_event
 
-from service.deps import caller, json_reply
+from service.deps import caller, event_pump, json_reply
 from service.errors import ValidationFailed, render
 from service.metrics import Metrics
 from service.routes.predict import ERRORS
@@ -132,13 +131,11 @@ async def generate(body: GenerateRequest, request: Request, session_id: str = Se
 async def _event_stream(
     manager: Any, session_id: str, options: GenerateOptions, owner: str, metrics: Metrics, where: str
 ) -> AsyncIterator[bytes]:
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+    async def run(queue: asyncio.Queue[bytes | None]) -> None:
+        async def on_word(word: SampledWord, step: int) -> None:
+            data = json.dumps({"word": word.word, "step": step})
+            await queue.put(format_sse_event(data_str=data, event="word"))
 
-    async def on_word(word: SampledWord, step: int) -> None:
-        data = json.dumps({"word": word.word, "step": step})
-        await queue.put(format_sse_event(data_str=data, event="word"))
-
-    async def run() -> None:
         try:
             result = await manager.generate(session_id, options, owner, on_word=on_word)
             await queue.put(format_sse_event(data_str=json.dumps(result), event="done"))
@@ -147,12 +144,5 @@ async def _event_stream(
         finally:
             await queue.put(None)
 
-    task = asyncio.create_task(run())
-    try:
-        while (item := await queue.get()) is not None:
-            yield item
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async for item in event_pump(run):
+        yield item
